@@ -1,0 +1,9 @@
+"""fa3_jax: FlashAttention-3-class attention for JAX on NVIDIA Hopper GPUs, with a pure-JAX reference path."""
+
+from fa3_jax.attention import RESIDUAL_NAMES
+from fa3_jax.attention import flash_attn_func
+from fa3_jax.attention import flash_attn_qkvpacked_func
+from fa3_jax.attention import kernel_available
+
+__all__ = ["RESIDUAL_NAMES", "flash_attn_func", "flash_attn_qkvpacked_func", "kernel_available"]
+__version__ = "0.1.0"

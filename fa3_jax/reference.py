@@ -1,0 +1,139 @@
+"""Blockwise pure-JAX attention with exactly the kernels' semantics: the non-CUDA path and the test oracle.
+
+Both directions walk the key axis in blocks with an online softmax and float32 arithmetic, so memory grows with
+seqlen (one (seqlen_q, block) score tile at a time), never with seqlen_q * seqlen_k. Inputs are upcast to float32:
+this path is the yardstick the kernels are measured against, so it favours accuracy over speed.
+
+Layouts (BSHD): q (batch, seqlen_q, heads, head_dim), k (batch, seqlen_k, kv_heads, head_dim),
+v (batch, seqlen_k, kv_heads, head_dim_v); query head i reads kv head i // (heads // kv_heads).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fa3_jax._config import AttentionConfig
+
+DEFAULT_BLOCK_K = 256
+
+
+def _grouped_queries(x, kv_heads: int):
+  """(b, s, h, d) -> (b, kv_heads, group, s, d) float32: the query heads that share one kv head side by side."""
+  b, s, h, d = x.shape
+  return x.astype(jnp.float32).reshape(b, s, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(x):
+  """(b, kv_heads, group, s, d) -> (b, s, kv_heads * group, d)."""
+  b, hk, g, s, d = x.shape
+  return x.transpose(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
+
+
+def _key_blocks(x, block: int):
+  """(b, s_k, hk, d) -> (n_blocks, b, block, hk, d) float32, zero-padded; padded keys are masked by position."""
+  b, s, hk, d = x.shape
+  n = -(-s // block)
+  x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - s), (0, 0), (0, 0)))
+  return x.reshape(b, n, block, hk, d).transpose(1, 0, 2, 3, 4)
+
+
+def _unblocked(x, seqlen: int):
+  """(n_blocks, b, block, hk, d) -> (b, seqlen, hk, d)."""
+  n, b, block, hk, d = x.shape
+  return x.transpose(1, 0, 2, 3, 4).reshape(b, n * block, hk, d)[:, :seqlen]
+
+
+def _scores(qg, kb, cfg: AttentionConfig):
+  """Scaled (and softcapped) scores of one key block, (b, hk, g, s_q, block), plus tanh for the softcap derivative."""
+  s = jnp.einsum("bhgqd,bkhd->bhgqk", qg, kb) * cfg.softmax_scale
+  if cfg.softcap > 0:
+    t = jnp.tanh(s / cfg.softcap)
+    return cfg.softcap * t, t
+  return s, None
+
+
+def _visible(start, block: int, seqlen_q: int, seqlen_k: int, cfg: AttentionConfig):
+  """(s_q, block) bool: which (query, key) pairs of the key block starting at `start` may attend (bottom-right)."""
+  left, right = cfg.resolved_window(seqlen_q, seqlen_k)
+  row = jnp.arange(seqlen_q)[:, None]
+  col = start + jnp.arange(block)[None, :]
+  diagonal = row + seqlen_k - seqlen_q
+  return (col < seqlen_k) & (col >= diagonal - left) & (col <= diagonal + right)
+
+
+def _block_size(seqlen_k: int, block_k: int) -> int:
+  return min(block_k, seqlen_k)
+
+
+def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOCK_K):
+  """Returns (out (b, s_q, h, d_v) in q.dtype, lse (b, h, s_q) float32 natural log; -inf where no key is visible)."""
+  seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]
+  block = _block_size(seqlen_k, block_k)
+  qg = _grouped_queries(q, kv_heads)
+  b, hk, g = qg.shape[:3]
+
+  def step(carry, xs):
+    m, l, acc = carry
+    kb, vb, start = xs
+    s, _ = _scores(qg, kb, cfg)
+    s = jnp.where(_visible(start, block, seqlen_q, seqlen_k, cfg), s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    # A row that has seen no visible key keeps max -inf; exponentiate against 0 there so that -inf - -inf
+    # never produces NaN (its p and correction are exactly 0).
+    m_ref = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_ref[..., None])
+    correction = jnp.exp(m - m_ref)
+    l = l * correction + p.sum(axis=-1)
+    acc = acc * correction[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p, vb)
+    return (m_new, l, acc), None
+
+  init = (jnp.full((b, hk, g, seqlen_q), -jnp.inf, jnp.float32),
+          jnp.zeros((b, hk, g, seqlen_q), jnp.float32),
+          jnp.zeros((b, hk, g, seqlen_q, v.shape[-1]), jnp.float32))
+  starts = jnp.arange(0, seqlen_k, block)
+  (m, l, acc), _ = jax.lax.scan(step, init, (_key_blocks(k, block), _key_blocks(v, block), starts))
+
+  has_keys = l > 0
+  out = jnp.where(has_keys[..., None], acc / jnp.where(has_keys, l, 1.0)[..., None], 0.0)
+  lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+  return _ungrouped(out).astype(q.dtype), lse.reshape(b, hk * g, seqlen_q)
+
+
+def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None, block_k: int = DEFAULT_BLOCK_K):
+  """Gradients (dq, dk, dv) in the input dtypes, given the forward's out and lse and the cotangent dout.
+
+  dlse, the cotangent of lse (b, h, s_q) float32, is optional: since d lse / d s = p, it enters as a shift of
+  D = rowsum(dout * out). For GQA/MQA dk and dv are summed over the query heads of each group.
+  """
+  seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]
+  block = _block_size(seqlen_k, block_k)
+  qg = _grouped_queries(q, kv_heads)
+  dog = _grouped_queries(dout, kv_heads)
+  b, hk, g = qg.shape[:3]
+  delta = jnp.sum(dog * _grouped_queries(out, kv_heads), axis=-1)
+  if dlse is not None:
+    delta = delta - dlse.astype(jnp.float32).reshape(b, hk, g, seqlen_q)
+  # Rows with no visible key have lse = -inf; +inf there makes every p exactly 0 (and their gradients 0).
+  lse_g = lse.reshape(b, hk, g, seqlen_q)
+  lse_g = jnp.where(jnp.isfinite(lse_g), lse_g, jnp.inf)
+
+  def step(dq, xs):
+    kb, vb, start = xs
+    s, t = _scores(qg, kb, cfg)
+    visible = _visible(start, block, seqlen_q, seqlen_k, cfg)
+    p = jnp.where(visible, jnp.exp(s - lse_g[..., None]), 0.0)
+    dv_b = jnp.einsum("bhgqk,bhgqd->bkhd", p, dog)
+    dp = jnp.einsum("bhgqd,bkhd->bhgqk", dog, vb)
+    ds = p * (dp - delta[..., None])
+    if t is not None:
+      ds = ds * (1.0 - t * t)  # d(cap * tanh(x / cap)) / dx
+    ds = ds * cfg.softmax_scale
+    dq = dq + jnp.einsum("bhgqk,bkhd->bhgqd", ds, kb)
+    dk_b = jnp.einsum("bhgqk,bhgqd->bkhd", ds, qg)
+    return dq, (dk_b, dv_b)
+
+  starts = jnp.arange(0, seqlen_k, block)
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qg), (_key_blocks(k, block), _key_blocks(v, block), starts))
+  return (_ungrouped(dq).astype(q.dtype), _unblocked(dk, seqlen_k).astype(k.dtype),
+          _unblocked(dv, seqlen_k).astype(v.dtype))

@@ -1,0 +1,116 @@
+"""Lowering for the cuda platform on a CPU-only machine: our custom calls, operands and attributes appear in the
+StableHLO text (the part of the kernel path that can be checked without a GPU)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import fa3_jax
+from fa3_jax import _extension
+
+ALL_KERNELS = frozenset((t, d, dv) for t in ("bfloat16", "float16")
+                        for d, dv in ((64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)))
+
+
+@pytest.fixture
+def kernels_compiled(monkeypatch):
+  """Pretend every kernel was built, so the public API takes its CUDA branch when lowered for cuda."""
+  monkeypatch.setattr(_extension, "compiled_kernels", lambda direction: ALL_KERNELS)
+
+
+def cuda_stablehlo(f, *args):
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
+  return jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def inputs(b=2, sq=100, sk=130, h=8, hk=2, d=128, dv=None, dtype=jnp.bfloat16):
+  dv = d if dv is None else dv
+  return (jnp.zeros((b, sq, h, d), dtype), jnp.zeros((b, sk, hk, d), dtype), jnp.zeros((b, sk, hk, dv), dtype))
+
+
+def custom_calls(text, target):
+  return re.findall(rf"stablehlo.custom_call @{target}\((.*)", text)
+
+
+def test_forward_custom_call_and_attributes(kernels_compiled):
+  text = cuda_stablehlo(lambda q, k, v: fa3_jax.flash_attn_func(q, k, v, causal=True, softcap=30.0,
+                                                                softmax_scale=0.125), *inputs())
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  assert "softmax_scale = 1.250000e-01 : f32" in call
+  assert "softcap = 3.000000e+01 : f32" in call
+  # causal, unbounded left: resolved to integers, left = seqlen_k, right = 0.
+  assert "window_left = 130 : i64" in call and "window_right = 0 : i64" in call
+  assert "tensor<2x100x8x128xbf16>, tensor<2x130x2x128xbf16>, tensor<2x130x2x128xbf16>" in call
+  assert "tensor<2x100x8x128xbf16>, tensor<2x8x100xf32>" in call
+  assert "fa3_jax_bwd" not in text
+
+
+def test_backward_custom_calls_and_attributes(kernels_compiled):
+  q, k, v = inputs(sq=64, sk=64, d=64)
+  loss = lambda q, k, v: fa3_jax.flash_attn_func(q, k, v, window_size=(32, 8), deterministic=True).sum()
+  text = cuda_stablehlo(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+  assert len(custom_calls(text, "fa3_jax_fwd")) == 1
+  (call,) = custom_calls(text, "fa3_jax_bwd")
+  assert "deterministic = true" in call
+  assert "window_left = 32 : i64" in call and "window_right = 8 : i64" in call
+  assert "softmax_scale = 1.250000e-01 : f32" in call and "softcap = 0.000000e+00 : f32" in call
+  # operands dout, q, k, v, out, lse; results dq, dk, dv (+ workspace)
+  assert ("tensor<2x64x8x64xbf16>, tensor<2x64x8x64xbf16>, tensor<2x64x2x64xbf16>, tensor<2x64x2x64xbf16>, "
+          "tensor<2x64x8x64xbf16>, tensor<2x8x64xf32>") in call
+
+
+def test_unbounded_window_resolves_to_sequence_lengths(kernels_compiled):
+  text = cuda_stablehlo(lambda q, k, v: fa3_jax.flash_attn_func(q, k, v), *inputs(sq=7, sk=300))
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  assert "window_left = 300 : i64" in call and "window_right = 7 : i64" in call
+
+
+def test_uncompiled_head_dim_is_zero_padded_to_next_kernel(kernels_compiled):
+  text = cuda_stablehlo(lambda q, k, v: fa3_jax.flash_attn_func(q, k, v), *inputs(d=72, dtype=jnp.float16))
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  assert "tensor<2x100x8x96xf16>, tensor<2x130x2x96xf16>, tensor<2x130x2x96xf16>" in call
+  assert "softmax_scale = 0.117851131 : f32" in call  # 1/sqrt(72): the scale of the real head dim
+
+
+def test_vmap_over_q_folds_into_heads_without_copying_kv(kernels_compiled):
+  q, k, v = inputs(b=1, sq=16, sk=16, h=4, hk=2, d=64)
+  fn = jax.vmap(lambda q: fa3_jax.flash_attn_func(q, k, v))
+  text = cuda_stablehlo(fn, jnp.stack([q, q, q]))
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  assert "tensor<1x16x12x64xbf16>, tensor<1x16x2x64xbf16>" in call
+  assert "broadcast_in_dim" not in text
+
+
+def test_vmap_over_all_folds_into_batch(kernels_compiled):
+  q, k, v = inputs(b=2, sq=16, sk=16, h=4, hk=2, d=64)
+  stack = lambda x: jnp.stack([x] * 3)
+  text = cuda_stablehlo(jax.vmap(fa3_jax.flash_attn_func), stack(q), stack(k), stack(v))
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  assert "tensor<6x16x4x64xbf16>, tensor<6x16x2x64xbf16>" in call
+
+
+def test_without_kernels_cuda_lowering_uses_the_reference():
+  if _extension.compiled_kernels("fwd"):
+    pytest.skip("this build has kernels; the reference-only branch is what CPU-only builds exercise")
+  text = cuda_stablehlo(fa3_jax.flash_attn_func, *inputs())
+  assert "custom_call @fa3_jax" not in text
+
+
+def test_multi_platform_lowering_has_both_branches(kernels_compiled):
+  q, k, v = inputs(sq=16, sk=16, d=64)
+  avals = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)]
+  text = jax.jit(fa3_jax.flash_attn_func).trace(*avals).lower(lowering_platforms=("cuda", "cpu")).as_text()
+  assert len(custom_calls(text, "fa3_jax_fwd")) == 1
+  assert "stablehlo.case" in text or "stablehlo.if" in text  # platform index switch; cpu runs the reference
+
+
+def test_vmap_of_grad_traces_through_both_kernels(kernels_compiled):
+  q, k, v = inputs(b=1, sq=16, sk=16, h=4, hk=2, d=64)
+  loss = lambda q, k, v: fa3_jax.flash_attn_func(q, k, v, causal=True).astype(jnp.float32).sum()
+  stack = lambda x: jnp.stack([x] * 3)
+  text = cuda_stablehlo(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))), stack(q), stack(k), stack(v))
+  (fwd,) = custom_calls(text, "fa3_jax_fwd")
+  (bwd,) = custom_calls(text, "fa3_jax_bwd")
+  assert "tensor<3x16x4x64xbf16>" in fwd and "tensor<3x16x2x64xbf16>" in bwd
