@@ -11,6 +11,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from fa3_jax import _ops
 from fa3_jax import _validate
+from fa3_jax import _vma
 from fa3_jax import reference
 from fa3_jax._config import AttentionConfig
 
@@ -45,27 +46,12 @@ def _attention_bwd(cfg, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
-def _varying_axes(x) -> frozenset:
-  return jax.typeof(x).manual_axis_type.varying
-
-
-def _match_varying_axes(*xs):
-  """Inside shard_map(check_vma=True): make q, k, v vary over the same mesh axes (e.g. K/V replicated across a
-  sequence-parallel axis while q is sharded), so the custom_vjp's cotangents have their primals' types. The
-  transpose of pcast sums the gradients over the axes added here."""
-  union = frozenset().union(*(_varying_axes(x) for x in xs))
-  return tuple(x if _varying_axes(x) == union
-               else jax.lax.pcast(x, tuple(sorted(union - _varying_axes(x))), to="varying") for x in xs)
-
-
 def _empty_result(q, v, return_lse):
   """Output for calls with nothing to compute (batch, seqlen_q, heads or seqlen_k == 0): zeros and lse = -inf."""
   b, sq, h, _ = q.shape
   out = jnp.zeros((b, sq, h, v.shape[-1]), q.dtype)
   lse = jnp.full((b, h, sq), -jnp.inf, jnp.float32)
-  axes = tuple(sorted(_varying_axes(q)))
-  if axes:
-    out, lse = (jax.lax.pcast(x, axes, to="varying") for x in (out, lse))
+  out, lse = (_vma.vary_over(x, _vma.varying_axes(q)) for x in (out, lse))
   return (out, lse) if return_lse else out
 
 
@@ -96,12 +82,13 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
   _validate.check_qkv(q, k, v)
   left, right = _validate.check_window(window_size, causal)
   cfg = AttentionConfig(softmax_scale=_validate.check_softmax_scale(softmax_scale, q.shape[-1]),
-                        window_left=left, window_right=right, softcap=_validate.check_softcap(softcap),
+                        window_left=None if left < 0 else left, window_right=None if right < 0 else right, softcap=_validate.check_softcap(softcap),
                         deterministic=_validate.check_bool("deterministic", deterministic))
   return_lse = _validate.check_bool("return_lse", return_lse)
   if 0 in q.shape[:3] or k.shape[1] == 0:
     return _empty_result(q, v, return_lse)
-  out, lse = _attention(cfg, *_match_varying_axes(q, k, v))
+  # Inside shard_map(check_vma=True) the custom_vjp's cotangents must have their primals' types.
+  out, lse = _attention(cfg, *_vma.match_varying_axes(q, k, v))
   return (out, lse) if return_lse else out
 
 

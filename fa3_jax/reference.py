@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fa3_jax import _vma
 from fa3_jax._config import AttentionConfig
 
 DEFAULT_BLOCK_K = 256
@@ -88,9 +89,10 @@ def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOC
     acc = acc * correction[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p, vb)
     return (m_new, l, acc), None
 
-  init = (jnp.full((b, hk, g, seqlen_q), -jnp.inf, jnp.float32),
-          jnp.zeros((b, hk, g, seqlen_q), jnp.float32),
-          jnp.zeros((b, hk, g, seqlen_q, v.shape[-1]), jnp.float32))
+  axes = _vma.varying_axes(q, k, v)  # inside shard_map, scan carries must vary like the inputs
+  init = tuple(_vma.vary_over(x, axes) for x in (jnp.full((b, hk, g, seqlen_q), -jnp.inf, jnp.float32),
+                                                jnp.zeros((b, hk, g, seqlen_q), jnp.float32),
+                                                jnp.zeros((b, hk, g, seqlen_q, v.shape[-1]), jnp.float32)))
   starts = jnp.arange(0, seqlen_k, block)
   (m, l, acc), _ = jax.lax.scan(step, init, (_key_blocks(k, block), _key_blocks(v, block), starts))
 
@@ -134,6 +136,7 @@ def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None,
     return dq, (dk_b, dv_b)
 
   starts = jnp.arange(0, seqlen_k, block)
-  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros_like(qg), (_key_blocks(k, block), _key_blocks(v, block), starts))
+  dq_init = _vma.vary_over(jnp.zeros_like(qg), _vma.varying_axes(q, k, v, out, lse, dout))
+  dq, (dk, dv) = jax.lax.scan(step, dq_init, (_key_blocks(k, block), _key_blocks(v, block), starts))
   return (_ungrouped(dq).astype(q.dtype), _unblocked(dk, seqlen_k).astype(k.dtype),
           _unblocked(dv, seqlen_k).astype(v.dtype))
