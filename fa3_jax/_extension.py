@@ -3,10 +3,12 @@ kernels were built. Importing never starts a JAX backend and never needs a GPU."
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 
 try:
-  from fa3_jax import _fa3_jax_cuda as module
+  module = importlib.import_module("fa3_jax._fa3_jax_cuda")
   import_error = None
 except ImportError as e:  # a pure-Python build, or a broken one: both leave the reference path
   module = None

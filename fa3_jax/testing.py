@@ -54,3 +54,57 @@ def fa3_check(name: str, out, ref, pt, *, softcap: bool, gradient: bool = False)
   tol = fa3_tolerance(ref, pt, jnp.asarray(out).dtype, rtol, extra)
   passed = bool(np.isfinite(out32).all()) and err <= tol
   return passed, f"{name}: max error {err:.3e} vs allowed {tol:.3e}"
+
+
+def _poison_device_memory(nbytes: int) -> None:
+  """Fill about nbytes of freed device memory with NaN, so that a kernel's unwritten output elements (which XLA
+  allocates from that memory next) show up as NaN instead of stale plausible values."""
+  jax.block_until_ready(jnp.full((max(nbytes // 4, 1),), jnp.nan, jnp.float32)).delete()
+
+
+def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k: int, *, batch: int = 2,
+                 heads: int = 6, kv_heads: int = 6, causal: bool = False, window_size=(-1, -1),
+                 softcap: float = 0.0, backward: bool = True, deterministic: bool = False,
+                 seed: int = 0) -> list[tuple[bool, str]]:
+  """Runs flash_attn_func (the kernel, on a GPU build) and the float32 reference on fresh random inputs and checks
+  out, lse and (with backward) dq, dk, dv with the FA3 rule. Returns [(passed, message)]."""
+  from fa3_jax import attention, reference  # late import: fa3_jax imports this module's siblings
+
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(keys[0], (batch, seqlen_q, heads, head_dim), jnp.float32)
+  if softcap > 0:
+    q = q * (softcap / 4)  # FA3's recipe: make the cap bite
+  q = q.astype(dtype)
+  k = jax.random.normal(keys[1], (batch, seqlen_k, kv_heads, head_dim), jnp.float32).astype(dtype)
+  v = jax.random.normal(keys[2], (batch, seqlen_k, kv_heads, head_dim_v), jnp.float32).astype(dtype)
+  dout = jax.random.normal(keys[3], (batch, seqlen_q, heads, head_dim_v), jnp.float32).astype(dtype)
+  kwargs = dict(causal=causal, window_size=window_size, softcap=softcap, deterministic=deterministic)
+  left, right = window_size
+  cfg = AttentionConfig(softmax_scale=head_dim ** -0.5, window_left=None if left < 0 else left,
+                        window_right=0 if causal else (None if right < 0 else right), softcap=softcap)
+
+  ours = jax.jit(lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs))
+  ref = jax.jit(lambda q, k, v: reference.attention_forward(q, k, v, cfg))
+  pt = jax.jit(lambda q, k, v: same_precision_attention(q, k, v, cfg))
+  jax.block_until_ready(ours.lower(q, k, v).compile())
+  _poison_device_memory(4 * q.size * 4)
+  out, lse = ours(q, k, v)
+  _, ref_lse = ref(q, k, v)
+  ref32 = lambda q, k, v: reference.attention_forward(q.astype(jnp.float32), k.astype(jnp.float32),
+                                                      v.astype(jnp.float32), cfg)[0]
+  results = [fa3_check("out", out, np.asarray(ref32(q, k, v)), pt(q, k, v), softcap=softcap > 0)]
+  lse_err = np.abs(np.asarray(lse) - np.asarray(ref_lse))
+  same_inf = np.array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+  lse_ok = same_inf and float(np.nanmax(np.where(np.isfinite(lse_err), lse_err, 0.0), initial=0.0)) <= 1e-3
+  results.append((bool(lse_ok), f"lse: -inf rows match {same_inf}, max error "
+                                f"{float(np.nanmax(np.where(np.isfinite(lse_err), lse_err, 0.0), initial=0)):.2e}"))
+  if backward:
+    def grads(fn):
+      return jax.jit(lambda q, k, v, dout: jax.vjp(fn, q, k, v)[1](dout))
+
+    got = grads(lambda q, k, v: attention.flash_attn_func(q, k, v, **kwargs))(q, k, v, dout)
+    want = grads(ref32)(q, k, v, dout.astype(jnp.float32))
+    base = grads(lambda q, k, v: same_precision_attention(q, k, v, cfg))(q, k, v, dout)
+    for name, g, w, b in zip(("dq", "dk", "dv"), got, want, base):
+      results.append(fa3_check(name, g, w, b, softcap=softcap > 0, gradient=True))
+  return results

@@ -1,0 +1,106 @@
+"""Timing attention implementations the FlashAttention way: used by `python -m fa3_jax` and benchmarks/.
+
+FLOPs follow the FlashAttention papers: forward 4 * batch * heads * seqlen_q * seqlen_k * head_dim, halved when
+causal; backward 2.5x forward. The backward is timed as (forward + backward) - forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+import fa3_jax
+
+
+def attention_flops(batch: int, seqlen: int, heads: int, head_dim: int, causal: bool, direction: str) -> float:
+  fwd = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
+  return fwd * (2.5 if direction == "bwd" else 1.0)
+
+
+def _ours(q, k, v, causal):
+  return fa3_jax.flash_attn_func(q, k, v, causal=causal)
+
+
+def _jax_nn(implementation):
+  def attention(q, k, v, causal):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+  return attention
+
+
+def _flash_attn3_jax():
+  import flash_attn3_jax  # optional peer: FlashAttention-3's own kernels wrapped for JAX
+
+  def attention(q, k, v, causal):
+    return flash_attn3_jax.flash_mha(q, k, v, is_causal=causal)
+  return attention
+
+
+def implementations(names=None) -> dict[str, Callable]:
+  """name -> attention(q, k, v, causal) for every implementation usable here (peers only when installed / on GPU)."""
+  on_gpu = jax.default_backend() == "gpu"
+  found = {"fa3_jax": _ours, "xla": _jax_nn("xla")}
+  if on_gpu:
+    found["cudnn"] = _jax_nn("cudnn")
+    try:
+      found["flash_attn3_jax"] = _flash_attn3_jax()
+    except ImportError:
+      pass
+  return {n: f for n, f in found.items() if names is None or n in names}
+
+
+def _median_seconds(fn, args, calls: int, repeats: int) -> float:
+  """Median over `repeats` of the mean time of `calls` back-to-back asynchronous calls (dispatch overlaps)."""
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(calls):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / calls)
+  return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Measurement:
+  implementation: str
+  batch: int
+  seqlen: int
+  heads: int
+  head_dim: int
+  causal: bool
+  fwd_ms: float | None
+  bwd_ms: float | None
+  fwd_tflops: float | None
+  bwd_tflops: float | None
+  error: str | None = None
+
+
+def measure(name: str, attention: Callable, batch: int, seqlen: int, heads: int, head_dim: int, causal: bool,
+            dtype=jnp.bfloat16, backward: bool = True, calls: int = 20, repeats: int = 5, seed: int = 0) -> Measurement:
+  """Times one implementation on random normal inputs (never zeros: they run faster than real data)."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  shape = (batch, seqlen, heads, head_dim)
+  q, k, v, dout = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
+  fwd = jax.jit(functools.partial(attention, causal=causal))
+  flops = functools.partial(attention_flops, batch, seqlen, heads, head_dim, causal)
+  try:
+    t_fwd = _median_seconds(fwd, (q, k, v), calls, repeats)
+    t_bwd = None
+    if backward:
+      fwd_bwd = jax.jit(lambda q, k, v, dout: jax.vjp(functools.partial(attention, causal=causal), q, k, v)[1](dout))
+      t_bwd = _median_seconds(fwd_bwd, (q, k, v, dout), calls, repeats) - t_fwd
+      if t_bwd <= 0:  # timing noise larger than the backward itself (tiny shapes): report nothing, not garbage
+        t_bwd = None
+  except Exception as e:  # an implementation that cannot run a shape (memory, unsupported) is reported, not fatal
+    return Measurement(name, batch, seqlen, heads, head_dim, causal, None, None, None, None,
+                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+  return Measurement(name, batch, seqlen, heads, head_dim, causal, t_fwd * 1e3,
+                     None if t_bwd is None else t_bwd * 1e3, flops("fwd") / t_fwd / 1e12,
+                     None if t_bwd is None else flops("bwd") / t_bwd / 1e12)
