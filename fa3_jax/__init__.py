@@ -4,6 +4,8 @@ from fa3_jax.attention import RESIDUAL_NAMES
 from fa3_jax.attention import flash_attn_func
 from fa3_jax.attention import flash_attn_qkvpacked_func
 from fa3_jax.attention import kernel_available
+from fa3_jax.jax_nn import dot_product_attention
 
-__all__ = ["RESIDUAL_NAMES", "flash_attn_func", "flash_attn_qkvpacked_func", "kernel_available"]
+__all__ = ["RESIDUAL_NAMES", "dot_product_attention", "flash_attn_func", "flash_attn_qkvpacked_func",
+           "kernel_available"]
 __version__ = "0.1.0"

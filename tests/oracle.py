@@ -24,45 +24,37 @@ def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1)):
   return mask
 
 
-def numpy_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0):
-  """float64 (out (b, s_q, h, d_v), lse (b, h, s_q)); rows without visible keys give 0 and -inf."""
-  q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+def _dense(xp, q, k, v, scale, causal, window, softcap):
+  """Dense attention written straight from the semantics with array module xp: (out, lse)."""
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
   scale = 1 / np.sqrt(d) if scale is None else scale
-  k = np.repeat(k, h // hk, axis=2)
-  v = np.repeat(v, h // hk, axis=2)
-  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  k = xp.repeat(k, h // hk, axis=2)
+  v = xp.repeat(v, h // hk, axis=2)
+  s = xp.einsum("bqhd,bkhd->bhqk", q, k) * scale
   if softcap > 0:
-    s = softcap * np.tanh(s / softcap)
-  mask = visible_mask(sq, sk, causal, window)
-  s = np.where(mask, s, -np.inf)
-  m = s.max(-1, keepdims=True)
-  any_visible = np.isfinite(m)
-  p = np.where(any_visible, np.exp(s - np.where(any_visible, m, 0)), 0)
+    s = softcap * xp.tanh(s / softcap)
+  mask = xp.asarray(visible_mask(sq, sk, causal, window))
+  any_visible = mask.any(-1)[:, None]
+  m = xp.where(any_visible, xp.where(mask, s, -np.inf).max(-1, keepdims=True), 0)
+  p = xp.where(mask, xp.exp(xp.where(mask, s, 0) - m), 0)
   l = p.sum(-1, keepdims=True)
-  out = np.einsum("bhqk,bkhd->bqhd", p / np.where(l > 0, l, 1), v)
-  lse = np.where(l[..., 0] > 0, (np.log(np.where(l > 0, l, 1)) + np.where(any_visible, m, 0))[..., 0], -np.inf)
+  l_safe = xp.where(l > 0, l, 1)
+  out = xp.einsum("bhqk,bkhd->bqhd", p / l_safe, v)
+  lse = xp.where(l > 0, xp.log(l_safe) + m, -np.inf)[..., 0]
   return out, lse
 
 
+def numpy_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0):
+  """float64 NumPy (out (b, s_q, h, d_v), lse (b, h, s_q)); rows without visible keys give 0 and -inf."""
+  q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+  return _dense(np, q, k, v, scale, causal, window, softcap)
+
+
 def dense_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0):
-  """float32 JAX dense attention (out only), differentiable: the gradient oracle."""
-  dtype = q.dtype
-  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  b, sq, h, d = q.shape
-  sk, hk = k.shape[1], k.shape[2]
-  scale = 1 / np.sqrt(d) if scale is None else scale
-  k = jnp.repeat(k, h // hk, axis=2)
-  v = jnp.repeat(v, h // hk, axis=2)
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
-  if softcap > 0:
-    s = softcap * jnp.tanh(s / softcap)
-  mask = jnp.asarray(visible_mask(sq, sk, causal, window))
-  s = jnp.where(mask, s, -jnp.inf)
-  p = jax.nn.softmax(jnp.where(mask.any(-1)[:, None], s, 0.0), axis=-1)
-  p = jnp.where(mask, p, 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v).astype(dtype)
+  """float32 JAX dense attention (out only, in q's dtype), differentiable: the gradient oracle."""
+  out, _ = _dense(jnp, *(x.astype(jnp.float32) for x in (q, k, v)), scale, causal, window, softcap)
+  return out.astype(q.dtype)
 
 
 def random_qkv(seed, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v=None, dtype=jnp.float16):

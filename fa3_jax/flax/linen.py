@@ -1,0 +1,91 @@
+"""flax.linen integration: `attention_fn` for flax.linen.MultiHeadDotProductAttention and fa3_jax's own
+MultiHeadAttention."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fa3_jax.flax import _common
+from fa3_jax.flax._common import apply_rotary, attention_fn, make_attention_fn
+
+__all__ = ["MultiHeadAttention", "apply_rotary", "attention_fn", "make_attention_fn"]
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention (MHA/GQA/MQA) on fa3_jax kernels, with optional rotary embedding.
+
+  Parameters have flax.linen.MultiHeadDotProductAttention's names and shapes (for num_kv_heads == num_heads its
+  params load directly): query/kernel (in, num_heads, head_dim), key|value/kernel (in_kv, num_kv_heads, head_dim),
+  out/kernel (num_heads, head_dim, out_features), biases (heads, head_dim) and (out_features,).
+  Logical axes (nn.with_logical_partitioning; map them with nn.logical_axis_rules): q/k/v kernels
+  ("embed", "heads", "kv"), their biases ("heads", "kv"), out kernel ("heads", "kv", "embed"), out bias ("embed",);
+  activations are constrained to ("batch", "length", "heads", "kv") around attention.
+
+  Attributes:
+    num_heads, num_kv_heads (default num_heads), qkv_features (default input features; head_dim =
+      qkv_features // num_heads), out_features (default input features).
+    causal, local_window_size (top-left, jax.nn convention), softcap, softmax_scale (default 1/sqrt(head_dim)),
+    rope_theta (rotary base; None = no rotary), dtype (computation dtype; bfloat16/float16 run the kernels),
+    param_dtype, use_bias, kernel_init, bias_init, dense_mask_fallback (see make_attention_fn).
+
+  The kv-cache decoding path will use a "cache" collection and `decode=True`, with the same call signature.
+  """
+
+  num_heads: int
+  num_kv_heads: int | None = None
+  qkv_features: int | None = None
+  out_features: int | None = None
+  causal: bool = False
+  local_window_size: Any = None
+  softcap: float = 0.0
+  softmax_scale: float | None = None
+  rope_theta: float | None = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros_init()
+  dense_mask_fallback: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
+               query_seq_lengths=None, key_value_seq_lengths=None):
+    """inputs_q (batch, q_len, features); inputs_k/inputs_v (batch, kv_len, features_kv), default inputs_q.
+
+    mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend. positions / kv_positions: rotary
+    positions (batch, len) or (len,), default arange. query_seq_lengths / key_value_seq_lengths: (batch,) int32.
+    Returns (batch, q_len, out_features).
+    """
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+    qkv_features = inputs_q.shape[-1] if self.qkv_features is None else self.qkv_features
+    head_dim = _common.head_dim_of(qkv_features, self.num_heads, num_kv_heads)
+    options = _common.AttentionOptions(causal=self.causal, local_window_size=self.local_window_size,
+                                       softcap=self.softcap, softmax_scale=self.softmax_scale,
+                                       rope_theta=self.rope_theta)
+    dense = functools.partial(
+        nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, (_common.EMBED, _common.HEADS, _common.KV)),
+        bias_init=nn.with_logical_partitioning(self.bias_init, (_common.HEADS, _common.KV)))
+    q = dense(features=(self.num_heads, head_dim), name="query")(inputs_q)
+    k = dense(features=(num_kv_heads, head_dim), name="key")(inputs_k)
+    v = dense(features=(num_kv_heads, head_dim), name="value")(inputs_v)
+    if self.dtype is not None:
+      q, k, v = (x.astype(self.dtype) for x in (q, k, v))
+    axes = (_common.BATCH, _common.LENGTH, _common.HEADS, _common.KV)
+    q, k, v = (nn.with_logical_constraint(x, axes) for x in (q, k, v))
+    out = _common.module_attention(options, q, k, v, mask=mask, positions=positions, kv_positions=kv_positions,
+                                   query_seq_lengths=query_seq_lengths,
+                                   key_value_seq_lengths=key_value_seq_lengths,
+                                   dense_mask_fallback=self.dense_mask_fallback)
+    out = nn.with_logical_constraint(out, axes)
+    return nn.DenseGeneral(
+        features=inputs_q.shape[-1] if self.out_features is None else self.out_features, axis=(-2, -1),
+        dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias,
+        kernel_init=nn.with_logical_partitioning(self.kernel_init, (_common.HEADS, _common.KV, _common.EMBED)),
+        bias_init=nn.with_logical_partitioning(self.bias_init, (_common.EMBED,)), name="out")(out)

@@ -1,0 +1,99 @@
+"""flax.nnx integration: `attention_fn` for flax.nnx.MultiHeadAttention and fa3_jax's own MultiHeadAttention."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from flax import nnx
+
+from fa3_jax.flax import _common
+from fa3_jax.flax._common import apply_rotary, attention_fn, make_attention_fn
+
+__all__ = ["MultiHeadAttention", "apply_rotary", "attention_fn", "make_attention_fn"]
+
+
+def _annotated(init, logical_axes):
+  """Logical-axis metadata without eager sharding: the names need rules (nnx.logical_axis_rules) to mean mesh axes,
+  so placing parameters is left to the caller (nnx.get_partition_spec + jax.device_put, or nnx.jit shardings)."""
+  return nnx.with_partitioning(init, logical_axes, eager_sharding=False)
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head attention (MHA/GQA/MQA) on fa3_jax kernels, with optional rotary embedding.
+
+  Parameters have flax.nnx.MultiHeadAttention's names and shapes, so its state can be loaded directly:
+    query.kernel (in_features, num_heads, head_dim), key/value.kernel (in_kv_features, num_kv_heads, head_dim),
+    out.kernel (num_heads, head_dim, out_features), biases (heads, head_dim) and (out_features,).
+  Sharding annotations (nnx.with_partitioning, logical names resolved by nnx.logical_axis_rules):
+    query/key/value kernels ("embed", "heads", "kv"), their biases ("heads", "kv"), out kernel
+    ("heads", "kv", "embed"), out bias ("embed",). Shard "heads" on one mesh axis for q and k/v alike (GQA needs
+    num_kv_heads divisible by that axis' size).
+
+  Args:
+    num_heads: query heads; num_kv_heads: key/value heads (default num_heads; num_heads % num_kv_heads == 0).
+    in_features, qkv_features (default in_features; head_dim = qkv_features // num_heads), out_features (default
+      in_features), in_kv_features (default in_features).
+    causal: top-left causal (jax.nn convention). local_window_size: None, w or (left, right), top-left.
+    softcap: logits softcap (0 = off). softmax_scale: default 1/sqrt(head_dim).
+    rope_theta: if set, rotary embedding ("rotate half", as nnx.RoPE) with this base on q and k.
+    dtype: computation dtype (bfloat16/float16 run the kernels on Hopper; float32 the reference path);
+      None = promoted from inputs and params. param_dtype: parameter dtype.
+    kernel_init, bias_init, use_bias: as flax.nnx.MultiHeadAttention.
+    dense_mask_fallback: see make_attention_fn.
+
+  The kv-cache decoding path will be added as state (nnx.Cache) plus `decode=True` in `__call__`; callers that
+  pass `positions` already have what rotary decoding needs.
+  """
+
+  def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
+               out_features: int | None = None, num_kv_heads: int | None = None,
+               in_kv_features: int | None = None, *, causal: bool = False, local_window_size=None,
+               softcap: float = 0.0, softmax_scale: float | None = None, rope_theta: float | None = None,
+               dtype=None, param_dtype=jnp.float32, use_bias: bool = True,
+               kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
+               dense_mask_fallback: bool = False, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    self.in_features = in_features
+    qkv_features = in_features if qkv_features is None else qkv_features
+    out_features = in_features if out_features is None else out_features
+    in_kv_features = in_features if in_kv_features is None else in_kv_features
+    self.head_dim = _common.head_dim_of(qkv_features, num_heads, self.num_kv_heads)
+    self.options = _common.AttentionOptions(causal=causal, local_window_size=local_window_size, softcap=softcap,
+                                            softmax_scale=softmax_scale, rope_theta=rope_theta)
+    self.options.masking()  # validates the window now
+    self.dtype = dtype
+    self.dense_mask_fallback = dense_mask_fallback
+    linear = functools.partial(
+        nnx.LinearGeneral, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+        kernel_init=_annotated(kernel_init, (_common.EMBED, _common.HEADS, _common.KV)),
+        bias_init=_annotated(bias_init, (_common.HEADS, _common.KV)), rngs=rngs)
+    self.query = linear(in_features, (num_heads, self.head_dim))
+    self.key = linear(in_kv_features, (self.num_kv_heads, self.head_dim))
+    self.value = linear(in_kv_features, (self.num_kv_heads, self.head_dim))
+    self.out = nnx.LinearGeneral(
+        (num_heads, self.head_dim), out_features, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
+        use_bias=use_bias,
+        kernel_init=_annotated(kernel_init, (_common.HEADS, _common.KV, _common.EMBED)),
+        bias_init=_annotated(bias_init, (_common.EMBED,)), rngs=rngs)
+
+  def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
+               query_seq_lengths=None, key_value_seq_lengths=None):
+    """inputs_q (batch, q_len, in_features); inputs_k/inputs_v (batch, kv_len, in_kv_features), default inputs_q.
+
+    mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend (see make_attention_fn for which masks run
+      where). positions / kv_positions: (batch, len) or (len,) rotary positions, default arange.
+    query_seq_lengths / key_value_seq_lengths: optional (batch,) int32 padding lengths (dense path for now).
+    Returns (batch, q_len, out_features).
+    """
+    inputs_k = inputs_q if inputs_k is None else inputs_k
+    inputs_v = inputs_k if inputs_v is None else inputs_v
+    q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
+    if self.dtype is not None:
+      q, k, v = (x.astype(self.dtype) for x in (q, k, v))
+    out = _common.module_attention(self.options, q, k, v, mask=mask, positions=positions,
+                                   kv_positions=kv_positions, query_seq_lengths=query_seq_lengths,
+                                   key_value_seq_lengths=key_value_seq_lengths,
+                                   dense_mask_fallback=self.dense_mask_fallback)
+    return self.out(out)

@@ -1,0 +1,365 @@
+"""dot_product_attention: a drop-in for jax.nn.dot_product_attention, mapped onto fa3_jax's kernels.
+
+jax.nn's conventions hold here, not FlashAttention's: causal and windows are aligned top-left (query i sees key j
+iff i - left <= j <= i + right, causal is right = 0), masks are boolean with True = attend, layouts are BTNH.
+Top-left alignment maps onto AttentionConfig as window_right = right + seqlen_q - seqlen_k (may be negative) and
+window_left = left + seqlen_k - seqlen_q.
+
+What runs where:
+  * no mask, is_causal, local_window_size, and dense masks whose values are known when tracing and that are
+    causal/window-shaped (e.g. flax's make_causal_mask, even inside jit): the fa3 custom_vjp (CUDA kernel on a Hopper
+    GPU, the blockwise reference elsewhere). The dense mask is read once at trace time and never reaches the kernel.
+  * query_seq_lengths / key_value_seq_lengths, and known padding-shaped masks (query validity x key validity, with an
+    optional window): a dense float32 pure-JAX path, until varlen kernels land.
+  * bias, and masks that are data-dependent or of any other shape: the same dense float32 path (O(T * S) memory per
+    head, like jax.nn's XLA implementation).
+
+Differences from jax.nn (implementation="xla"), all in degenerate cases: a query row that sees no key gives output 0
+(jax.nn averages all values there, except for rows beyond query_seq_lengths, which both zero) and residual -inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa3_jax import _validate
+from fa3_jax import _vma
+from fa3_jax._config import AttentionConfig
+from fa3_jax.attention import _attention
+
+# Masks computed inside a traced function from shapes alone (iota, compares, broadcasts) are evaluated at trace
+# time if they take at most this many operations and elements.
+_MAX_FOLDED_EQNS = 256
+_MAX_FOLDED_ELEMENTS = 1 << 26
+_KERNEL_DTYPES = ("float16", "bfloat16", "float32")  # float32 runs on the reference inside the same custom_vjp
+
+
+# ---- masks known at trace time --------------------------------------------------------------------------------
+
+def concrete_value(x) -> np.ndarray | None:
+  """x as a NumPy array if its value is known while tracing, else None.
+
+  Known: non-traced arrays, and values a jit/remat trace computed from constants only (flax's make_causal_mask
+  called inside the traced function). Values that depend on the traced function's inputs are not known. Folding
+  reads JAX's tracing state; anything unexpected there counts as "not known", never as a wrong value.
+  """
+  if x is None:
+    return None
+  if not isinstance(x, jax.core.Tracer):
+    return np.asarray(x)
+  if math.prod(x.shape) > _MAX_FOLDED_ELEMENTS:
+    return None
+  try:
+    return _fold_constant(x)
+  except Exception:  # internals changed or an operation cannot run eagerly: treat as data-dependent
+    return None
+
+
+class _NotConstant(Exception):
+  pass
+
+
+def _fold_constant(tracer) -> np.ndarray | None:
+  from jax._src import core  # pylint: disable=g-import-not-at-top
+  from jax._src.interpreters import partial_eval as pe  # pylint: disable=g-import-not-at-top
+
+  known = core.to_concrete_value(tracer)
+  if known is not None:
+    return np.asarray(known)
+  if not isinstance(tracer, pe.DynamicJaxprTracer):
+    return None
+  values: dict[int, object] = {}
+  budget = [_MAX_FOLDED_EQNS]
+
+  def evaluate(t):
+    if id(t) in values:
+      return values[id(t)]
+    atom = t.val
+    if isinstance(atom, core.Literal):
+      value = atom.val
+    else:
+      value = t._trace.frame.constvar_to_val.get(atom)  # pylint: disable=protected-access
+      if value is None:
+        eqn = t.parent
+        budget[0] -= 1
+        if eqn is None or eqn.effects or budget[0] < 0:
+          raise _NotConstant
+        args = [evaluate(i) for i in eqn.in_tracers]
+        with jax.ensure_compile_time_eval():
+          outs = eqn.primitive.bind(*args, **eqn.params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        value = next(o for v, o in zip(eqn.outvars, outs) if v is atom)
+    values[id(t)] = value
+    return value
+
+  try:
+    return np.asarray(evaluate(tracer))
+  except _NotConstant:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskStructure:
+  """What a boolean mask (batch, heads|1, T, S) means, in jax.nn's top-left terms.
+
+  Query i of batch b may attend key j iff q_valid[b, i] and kv_valid[b, j] and i - left <= j <= i + right, where
+  None is unbounded. q_valid (batch, T) / kv_valid (batch, S) are None when every position is valid.
+  """
+
+  left: int | None = None
+  right: int | None = None
+  q_valid: np.ndarray | None = None
+  kv_valid: np.ndarray | None = None
+
+
+def analyse_mask(mask: np.ndarray) -> MaskStructure | None:
+  """The structure of a concrete boolean mask broadcastable to (batch, heads, T, S), or None if it has none of the
+  expressible forms (window x query validity x key validity, the same for every head)."""
+  mask = np.asarray(mask, bool)
+  if mask.ndim != 4:
+    return None
+  if mask.shape[1] > 1 and not (mask == mask[:, :1]).all():
+    return None
+  m = mask[:, 0]  # (batch|1, T, S)
+  t, s = m.shape[1:]
+  q_valid, kv_valid = m.any(axis=2), m.any(axis=1)
+  i = np.arange(t)[:, None]
+  j = np.arange(s)[None, :]
+  offsets = np.broadcast_to(i - j, m.shape)[m]
+  left = int(offsets.max()) if offsets.size else 0
+  right = int(-offsets.min()) if offsets.size else 0
+  band = (i - j <= left) & (j - i <= right)
+  if not (m == (q_valid[:, :, None] & kv_valid[:, None, :] & band)).all():
+    return None
+  return MaskStructure(left=None if left >= t - 1 else left, right=None if right >= s - 1 else right,
+                       q_valid=None if q_valid.all() else q_valid, kv_valid=None if kv_valid.all() else kv_valid)
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+
+def _check_window(local_window_size) -> tuple[int | None, int | None]:
+  if local_window_size is None:
+    return None, None
+  if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
+    local_window_size = (local_window_size, local_window_size)
+  if (not isinstance(local_window_size, (tuple, list)) or len(local_window_size) != 2
+      or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 0
+                 for w in local_window_size)):
+    raise ValueError(f"local_window_size must be None, an int >= 0 or a pair (left, right) of ints >= 0, got "
+                     f"{local_window_size!r}")
+  return int(local_window_size[0]), int(local_window_size[1])
+
+
+def _min_bound(a: int | None, b: int | None) -> int | None:
+  return b if a is None else a if b is None else min(a, b)
+
+
+def _and_valid(a, b):
+  return b if a is None else a if b is None else jnp.logical_and(a, b)
+
+
+def _check_lengths(name: str, lengths, batch: int):
+  if lengths is None:
+    return None
+  lengths = jnp.asarray(lengths)
+  if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
+    raise ValueError(f"{name} must be an int32 array of shape (batch,) = ({batch},), got {lengths.dtype} "
+                     f"{tuple(lengths.shape)}")
+  return lengths
+
+
+def _ensure_4d(x):
+  return None if x is None else jnp.expand_dims(jnp.asarray(x), tuple(range(4 - jnp.ndim(x))))
+
+
+# ---- the internal entry point (also used by fa3_jax.flax) ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Masking:
+  """Everything that restricts attention, in top-left terms (see MaskStructure); dense parts force the dense path.
+
+  q_valid (batch, T) and kv_valid (batch, S) bool arrays (traced or not); dense_mask bool broadcastable to
+  (batch, heads, T, S); bias broadcastable to (batch, heads, T, S).
+  """
+
+  left: int | None = None
+  right: int | None = None
+  q_valid: object = None
+  kv_valid: object = None
+  dense_mask: object = None
+  bias: object = None
+
+  def with_structure(self, st: MaskStructure) -> "Masking":
+    return dataclasses.replace(self, left=_min_bound(self.left, st.left), right=_min_bound(self.right, st.right),
+                               q_valid=_and_valid(self.q_valid, st.q_valid),
+                               kv_valid=_and_valid(self.kv_valid, st.kv_valid))
+
+  @property
+  def kernel_expressible(self) -> bool:
+    return self.q_valid is None and self.kv_valid is None and self.dense_mask is None and self.bias is None
+
+
+def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: float = 0.0):
+  """Attention with top-left masking. q (B, T, N, H), k (B, S, K, H), v (B, S, K, H_v), N % K == 0, one float dtype.
+
+  Returns (out (B, T, N, H_v) in q.dtype, lse (B, N, T) float32; -inf and out = 0 where a row sees no key).
+  Runs the fa3 custom_vjp when `masking.kernel_expressible` and the dtype/head dims have a kernel path, else the
+  dense float32 path.
+  """
+  b, t, n, h = q.shape
+  s = k.shape[1]
+  scale = _validate.check_softmax_scale(scale, h)
+  softcap = _validate.check_softcap(softcap)
+  if 0 in q.shape[:3] or s == 0:
+    out = jnp.zeros((b, t, n, v.shape[-1]), q.dtype)
+    return out, jnp.full((b, n, t), -jnp.inf, jnp.float32)
+  if masking.kernel_expressible and _has_flash_path(q, k, v):
+    cfg = AttentionConfig(softmax_scale=scale,
+                          window_left=None if masking.left is None else masking.left + s - t,
+                          window_right=None if masking.right is None else masking.right + t - s,
+                          softcap=softcap)
+    return _attention(cfg, *_vma.match_varying_axes(q, k, v))
+  return _dense_attention(q, k, v, masking, scale, softcap)
+
+
+def _has_flash_path(q, k, v) -> bool:
+  if np.dtype(q.dtype).name not in _KERNEL_DTYPES:
+    return False
+  try:
+    _validate.check_head_dims(q.shape[-1], v.shape[-1])
+  except (ValueError, NotImplementedError):
+    return False
+  return True
+
+
+def _dense_attention(q, k, v, masking: Masking, scale: float, softcap: float):
+  """Dense float32 attention with arbitrary masking: the path for padding, bias and general masks."""
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  g = n // kh
+  qg = q.astype(jnp.float32).reshape(b, t, kh, g, h)
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32)) * scale
+  if softcap > 0:
+    logits = softcap * jnp.tanh(logits / softcap)
+
+  def grouped(x):  # (B|1, N|1, T, S) -> (B|1, K|1, G|1, T, S)
+    x = _ensure_4d(x)
+    return x[:, :, None] if x.shape[1] == 1 else x.reshape(x.shape[0], kh, g, *x.shape[2:])
+
+  if masking.bias is not None:
+    logits = logits + grouped(masking.bias).astype(jnp.float32)
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(s)[None, :]
+  visible = jnp.ones((t, s), bool)
+  if masking.left is not None:
+    visible &= j >= i - masking.left
+  if masking.right is not None:
+    visible &= j <= i + masking.right
+  visible = visible[None, None, None]
+  if masking.q_valid is not None:
+    visible = visible & jnp.asarray(masking.q_valid, bool)[:, None, None, :, None]
+  if masking.kv_valid is not None:
+    visible = visible & jnp.asarray(masking.kv_valid, bool)[:, None, None, None, :]
+  if masking.dense_mask is not None:
+    visible = visible & grouped(jnp.asarray(masking.dense_mask, bool))
+  visible = jnp.broadcast_to(visible, logits.shape)
+  masked = jnp.where(visible, logits, -jnp.inf)
+  m = jnp.max(masked, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(visible, jnp.exp(jnp.where(visible, logits, 0.0) - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  has_keys = l > 0
+  safe_l = jnp.where(has_keys, l, 1.0)
+  out = jnp.einsum("bkgts,bskh->btkgh", p / safe_l, v.astype(jnp.float32)).reshape(b, t, n, v.shape[-1])
+  lse = jnp.where(has_keys, m + jnp.log(safe_l), -jnp.inf)[..., 0].reshape(b, n, t)
+  return out.astype(q.dtype), lse
+
+
+# ---- the public drop-in ----------------------------------------------------------------------------------------
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                          query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                          implementation=None, return_residual=False):
+  """Scaled dot-product attention with jax.nn.dot_product_attention's signature and semantics, on fa3_jax.
+
+  Args:
+    query: (B, T, N, H) or (T, N, H); float16 | bfloat16 (kernel on Hopper) or float32 (reference path).
+    key: (B, S, K, H) or (S, K, H), query's dtype; N % K == 0 (GQA/MQA: query head n reads kv head n // (N // K)).
+    value: key's shape (except that H_v may differ from H as in flash_attn_func: (192, 128)).
+    bias: optional additive logits bias broadcastable to (B, N, T, S); runs the dense float32 path.
+    mask: optional bool mask broadcastable to (B, N, T, S), True = attend. If its values are known at trace time
+      (a constant, or computed from shapes only, like flax's make_causal_mask even inside jit) and it is a top-left
+      causal/window band, it becomes kernel arguments; padding-shaped (query validity x key validity, optionally
+      with a band) runs the dense path; anything else, or a mask depending on traced data, runs the dense path.
+    scale: logits scale, default 1/sqrt(H). Must be a Python number (a kernel compile-time constant).
+    is_causal: top-left causal: query i sees key j iff j <= i (jax.nn's convention; fa3_jax.flash_attn_func is
+      bottom-right). With T != S this is AttentionConfig(window_right=T - S).
+    query_seq_lengths: optional (B,) int32; query rows at or beyond the length output zeros.
+    key_value_seq_lengths: optional (B,) int32; keys at or beyond the length are invisible. Both lengths run on the
+      dense float32 path until varlen kernels land.
+    local_window_size: int w or (left, right): query i sees keys i - left ... i + right (inclusive).
+    implementation: None or "fa3" (this library), or "xla" / "cudnn" to call jax.nn.dot_product_attention.
+    return_residual: also return the logsumexp, (B, T, N) or (T, N), in key's dtype, without gradient (jax.nn's
+      layout and behaviour; lse is -inf for rows that see no key).
+
+  Returns:
+    (B, T, N, H_v) (or (T, N, H_v)) in query's dtype; with return_residual, (out, residual).
+  """
+  if implementation in ("xla", "cudnn"):
+    return jax.nn.dot_product_attention(
+        query, key, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
+        implementation=implementation, return_residual=return_residual)
+  if implementation not in (None, "fa3"):
+    raise ValueError(f"implementation must be None, 'fa3', 'xla' or 'cudnn', got {implementation!r}")
+  unbatched = jnp.ndim(query) == 3
+  q, k, v = (_ensure_4d(x) for x in (query, key, value))
+  for name, x in (("query", q), ("key", k), ("value", v)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have shape (B, T|S, N|K, H) or (T|S, N|K, H), got {tuple(x.shape)}")
+  b, t, n, _ = q.shape
+  _, s, kh, _ = k.shape
+  if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+    raise TypeError(f"query, key and value must share a floating dtype, got query={q.dtype}, key={k.dtype}, "
+                    f"value={v.dtype}")
+  if k.shape[0] != b or v.shape[:3] != k.shape[:3] or q.shape[-1] != k.shape[-1] or kh == 0 or n % kh:
+    raise ValueError(f"expected query (B, T, N, H), key (B, S, K, H), value (B, S, K, H_v) with N % K == 0, got "
+                     f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}")
+  is_causal = _validate.check_bool("is_causal", is_causal)
+  return_residual = _validate.check_bool("return_residual", return_residual)
+  left, right = _check_window(local_window_size)
+  masking = Masking(left=left, right=_min_bound(right, 0 if is_causal else None))
+  q_lengths = _check_lengths("query_seq_lengths", query_seq_lengths, b)
+  kv_lengths = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
+  if q_lengths is not None:
+    masking = dataclasses.replace(masking, q_valid=jnp.arange(t)[None, :] < q_lengths[:, None])
+  if kv_lengths is not None:
+    masking = dataclasses.replace(masking, kv_valid=jnp.arange(s)[None, :] < kv_lengths[:, None])
+  if bias is not None:
+    masking = dataclasses.replace(masking, bias=_check_broadcastable("bias", _ensure_4d(bias), (b, n, t, s)))
+  if mask is not None:
+    mask = _check_broadcastable("mask", _ensure_4d(mask), (b, n, t, s))
+    if mask.dtype != jnp.bool_:
+      raise TypeError(f"mask must be a bool array (True = attend), got {mask.dtype}")
+    known = concrete_value(mask)
+    structure = None if known is None else analyse_mask(known)
+    masking = (dataclasses.replace(masking, dense_mask=mask) if structure is None
+               else masking.with_structure(structure))
+
+  out, lse = attend(q, k, v, masking, scale=scale)
+  if unbatched:
+    out, lse = out[0], lse[0]
+  if not return_residual:
+    return out
+  return out, jax.lax.stop_gradient(jnp.swapaxes(lse, -1, -2).astype(k.dtype))
+
+
+def _check_broadcastable(name: str, x, shape):
+  if x.ndim != 4 or any(d not in (1, e) for d, e in zip(x.shape, shape)):
+    raise ValueError(f"{name} must be broadcastable to (B, N, T, S) = {shape}, got shape {tuple(x.shape)}")
+  return x

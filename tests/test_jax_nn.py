@@ -1,0 +1,124 @@
+"""fa3_jax.dot_product_attention against jax.nn.dot_product_attention(implementation="xla") as the oracle."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from fa3_jax import jax_nn
+from fa3_jax.jax_nn import dot_product_attention
+
+
+def _qkv(seed, b=2, t=7, s=9, n=4, kh=2, h=16, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(ks[0], (b, t, n, h), dtype), jax.random.normal(ks[1], (b, s, kh, h), dtype),
+          jax.random.normal(ks[2], (b, s, kh, h), dtype))
+
+
+def _oracle(q, k, v, **kw):
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
+
+
+@pytest.fixture
+def no_dense(monkeypatch):
+  """Fail if the dense fallback runs: the call must map onto the fa3 custom_vjp."""
+  def refuse(*a, **k):
+    raise AssertionError("dense path taken")
+  monkeypatch.setattr(jax_nn, "_dense_attention", refuse)
+
+
+CASES = [dict(), dict(is_causal=True), dict(local_window_size=(2, 1)), dict(local_window_size=3, is_causal=True),
+         dict(scale=0.3, is_causal=True)]
+
+
+@pytest.mark.parametrize("kw,t,s", [(kw, 7, 9) for kw in CASES] + [(CASES[1], 9, 7), (CASES[2], 9, 7)])
+def test_kernel_path_matches_jax_nn_top_left(kw, t, s, no_dense):
+  q, k, v = _qkv(t * 10 + s, t=t, s=s)
+  np.testing.assert_allclose(jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **kw))(q, k, v),
+                             _oracle(q, k, v, **kw), atol=2e-5)
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, **kw)))
+  g = jax.grad(loss(dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.grad(loss(_oracle), argnums=(0, 1, 2))(q, k, v)
+  for a, r in zip(g, g_ref):
+    np.testing.assert_allclose(a, r, atol=5e-5)
+
+
+def test_bf16_uses_kernel_path_and_matches(no_dense):
+  q, k, v = _qkv(1, dtype=jnp.bfloat16, t=16, s=16)
+  out = dot_product_attention(q, k, v, is_causal=True)
+  assert out.dtype == jnp.bfloat16
+  ref = _oracle(*(x.astype(jnp.float32) for x in (q, k, v)), is_causal=True)
+  np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=2e-2)
+
+
+def test_seq_lengths_match_jax_nn_including_zeroed_query_rows():
+  q, k, v = _qkv(2)
+  ql, kl = jnp.array([3, 7], jnp.int32), jnp.array([5, 9], jnp.int32)
+  for causal in (False, True):
+    kw = dict(query_seq_lengths=ql, key_value_seq_lengths=kl, is_causal=causal)
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, **kw))(q, k, v)
+    np.testing.assert_allclose(out, _oracle(q, k, v, **kw), atol=2e-5)
+    assert not np.asarray(out[0, 3:]).any()
+    g = jax.grad(lambda k: jnp.sum(dot_product_attention(q, k, v, **kw) ** 2))(k)
+    g_ref = jax.grad(lambda k: jnp.sum(_oracle(q, k, v, **kw) ** 2))(k)
+    np.testing.assert_allclose(g, g_ref, atol=5e-5)
+
+
+def test_causal_mask_built_inside_jit_is_read_at_trace_time(no_dense):
+  q, k, v = _qkv(3, t=8, s=8)
+  f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=nn.make_causal_mask(q[..., 0, 0], dtype=bool)))
+  np.testing.assert_allclose(f(q, k, v), _oracle(q, k, v, is_causal=True), atol=2e-5)
+
+
+def test_constant_padding_mask_runs_dense_path_and_matches():
+  q, k, v = _qkv(4, t=8, s=8)
+  valid = jnp.arange(8)[None] < jnp.array([[5], [8]])
+  mask = nn.make_attention_mask(valid, valid, dtype=bool) & nn.make_causal_mask(valid, dtype=bool)
+  out = dot_product_attention(q, k, v, mask=mask)
+  ref = _oracle(q, k, v, mask=mask)
+  np.testing.assert_allclose(out[0, :5], ref[0, :5], atol=2e-5)
+  np.testing.assert_allclose(out[1], ref[1], atol=2e-5)
+  assert not np.asarray(out[0, 5:]).any()  # rows with no visible key: 0 (jax.nn averages v there)
+
+
+def test_data_dependent_mask_and_bias_run_dense_and_match():
+  q, k, v = _qkv(5)
+  mask = jax.random.bernoulli(jax.random.key(9), 0.7, (2, 4, 7, 9)).at[..., 0].set(True)
+  bias = jax.random.normal(jax.random.key(10), (1, 4, 7, 9))
+  f = jax.jit(lambda q, k, v, m, b: dot_product_attention(q, k, v, b, m))
+  np.testing.assert_allclose(f(q, k, v, mask, bias), _oracle(q, k, v, bias=bias, mask=mask), atol=2e-5)
+
+
+def test_analyse_mask_recognises_bands_and_padding_and_rejects_others():
+  causal = np.tril(np.ones((6, 6), bool))[None, None]
+  st = jax_nn.analyse_mask(causal)
+  assert (st.left, st.right, st.q_valid, st.kv_valid) == (None, 0, None, None)
+  band = np.asarray(jnp.ones((1, 1, 6, 6), bool) & (np.abs(np.arange(6)[:, None] - np.arange(6)) <= 2))
+  assert (jax_nn.analyse_mask(band).left, jax_nn.analyse_mask(band).right) == (2, 2)
+  checker = (np.add.outer(np.arange(6), np.arange(6)) % 2 == 0)[None, None]
+  assert jax_nn.analyse_mask(checker) is None
+  per_head = np.concatenate([causal, ~causal | np.eye(6, dtype=bool)], axis=1)
+  assert jax_nn.analyse_mask(per_head) is None
+
+
+def test_residual_layout_dtype_and_unbatched_inputs():
+  q, k, v = _qkv(6, dtype=jnp.bfloat16, t=8, s=8)
+  out, res = dot_product_attention(q, k, v, is_causal=True, return_residual=True)
+  ref_out, ref_res = _oracle(q, k, v, is_causal=True, return_residual=True)
+  assert res.shape == ref_res.shape == (2, 8, 4) and res.dtype == ref_res.dtype
+  np.testing.assert_allclose(res.astype(jnp.float32), ref_res.astype(jnp.float32), atol=3e-2)
+  out3 = dot_product_attention(q[0], k[0], v[0], is_causal=True)
+  np.testing.assert_array_equal(out3, out[0])
+
+
+def test_bad_arguments_raise_clear_errors():
+  q, k, v = _qkv(7)
+  with pytest.raises(ValueError, match="local_window_size"):
+    dot_product_attention(q, k, v, local_window_size=(-1, 2))
+  with pytest.raises(TypeError, match="mask must be a bool"):
+    dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 7, 9)))
+  with pytest.raises(ValueError, match="key_value_seq_lengths"):
+    dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array([1, 2, 3], jnp.int32))
+  with pytest.raises(ValueError, match="implementation"):
+    dot_product_attention(q, k, v, implementation="triton")
