@@ -1,0 +1,197 @@
+// XLA FFI handler "fa3_jax_bwd": decode buffers and attributes, check what Python cannot, fill fa3::BwdParams, pick
+// the compiled (dtype, d, d_v) instantiation and launch it on XLA's stream. No kernel logic here.
+//
+// Operands dout (b, s_q, h, d_v), q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, d_v), out (b, s_q, h, d_v)
+//          (bf16|f16, all the same, BSHD contiguous), lse (b, h, s_q) f32 (natural log, -inf = row sees no key).
+// Results  dq (b, s_q, h, d), dk (b, s_k, h_k, d), dv (b, s_k, h_k, d_v) (dtype of q), workspace (n,) u8 with
+//          n = fa3::bwd_workspace_bytes(...) (contents undefined on entry; zeroed on the stream where needed).
+// Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned,
+//          resolved by Python), deterministic bool (bitwise-reproducible dq/dk/dv).
+//
+// Not marked kCmdBufferCompatible yet, for the forward's reasons (cuda/ffi/fwd.cu): the first call per
+// (instantiation, device) runs cudaFuncSetAttribute, and graph replay with moved buffers is untested.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "cutlass/numeric_types.h"
+#include "fa3/bwd_launch.h"
+#include "fa3/workspace.h"
+#include "fa3_kernel_list.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace fa3 {
+
+int64_t bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t /*seqlen_k*/, int64_t heads,
+                            int64_t /*kv_heads*/, int64_t head_dim, int64_t /*head_dim_v*/, bool deterministic) {
+  return bwd_workspace_layout(batch, seqlen_q, heads, head_dim, deterministic).total;
+}
+
+}  // namespace fa3
+
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  cudaError_t err = cudaSuccess;
+  int major = 0, minor = 0;
+};
+
+const DeviceInfo& device_info(int device) {
+  static std::once_flag once[kMaxDevices];
+  static DeviceInfo info[kMaxDevices];
+  std::call_once(once[device], [device] {
+    DeviceInfo& d = info[device];
+    d.err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (d.err == cudaSuccess) d.err = cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device);
+  });
+  return info[device];
+}
+
+std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + ")";
+}
+
+using LaunchFn = cudaError_t (*)(const fa3::BwdParams&, cudaStream_t);
+
+#define FA3_BWD_DISPATCH_ENTRY(Element, dtype_name, hdim, hdimv)                           \
+  if (is_bf16 == (std::string(#dtype_name) == "bf16") && d == hdim && dv == hdimv) {       \
+    return &fa3::run_bwd<Element, hdim, hdimv>;                                            \
+  }
+
+LaunchFn select_kernel(bool is_bf16, int64_t d, int64_t dv) {
+  FA3_JAX_BWD_KERNELS(FA3_BWD_DISPATCH_ENTRY)
+  return nullptr;
+}
+
+using LseBuffer = ffi::Buffer<ffi::F32, 3>;
+using WorkspaceBuffer = ffi::Buffer<ffi::U8, 1>;
+
+ffi::Error Fa3Bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dout, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                  ffi::AnyBuffer v, ffi::AnyBuffer out, LseBuffer lse, ffi::Result<ffi::AnyBuffer> dq,
+                  ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv_buf,
+                  ffi::ResultBuffer<ffi::U8, 1> workspace, float softmax_scale, float softcap, int64_t window_left,
+                  int64_t window_right, bool deterministic) {
+  if (device < 0 || device >= kMaxDevices) return ffi::Error::InvalidArgument("fa3_jax_bwd: bad device ordinal");
+  const DeviceInfo& dev = device_info(device);
+  if (dev.err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("fa3_jax_bwd: cudaDeviceGetAttribute failed: ") +
+                                cudaGetErrorString(dev.err));
+  }
+  if (dev.major != 9 || dev.minor != 0) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: needs a compute capability 9.0 GPU (H100/H200), got " +
+                                       std::to_string(dev.major) + "." + std::to_string(dev.minor));
+  }
+  const auto dt = q.element_type();
+  if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: q must be bfloat16 or float16");
+  }
+  if (dout.element_type() != dt || k.element_type() != dt || v.element_type() != dt || out.element_type() != dt ||
+      dq->element_type() != dt || dk->element_type() != dt || dv_buf->element_type() != dt) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: dout, q, k, v, out, dq, dk and dv must share a dtype");
+  }
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out.dimensions();
+  const auto dod = dout.dimensions(), ld = lse.dimensions();
+  const auto dqd = dq->dimensions(), dkd = dk->dimensions(), dvd = dv_buf->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || od.size() != 4 || dod.size() != 4 || dqd.size() != 4 ||
+      dkd.size() != 4 || dvd.size() != 4) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: dout, q, k, v, out, dq, dk, dv must be rank 4 (BSHD)");
+  }
+  const int64_t b = qd[0], sq = qd[1], h = qd[2], d = qd[3];
+  const int64_t sk = kd[1], hk = kd[2], dv = vd[3];
+  auto same = [](ffi::Span<const int64_t> x, std::initializer_list<int64_t> y) {
+    size_t i = 0;
+    for (int64_t e : y) {
+      if (x[i++] != e) return false;
+    }
+    return true;
+  };
+  if (!same(kd, {b, sk, hk, d}) || !same(vd, {b, sk, hk, dv}) || !same(od, {b, sq, h, dv}) ||
+      !same(dod, {b, sq, h, dv}) || !same(ld, {b, h, sq}) || !same(dqd, {b, sq, h, d}) ||
+      !same(dkd, {b, sk, hk, d}) || !same(dvd, {b, sk, hk, dv})) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: inconsistent shapes dout" + dims_str(dod) + " q" +
+                                       dims_str(qd) + " k" + dims_str(kd) + " v" + dims_str(vd) + " out" +
+                                       dims_str(od) + " lse" + dims_str(ld) + " dq" + dims_str(dqd) + " dk" +
+                                       dims_str(dkd) + " dv" + dims_str(dvd));
+  }
+  if (b < 1 || sq < 1 || sk < 1 || h < 1 || hk < 1 || h % hk != 0) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: need batch, seqlens, heads >= 1 and heads % kv_heads == 0");
+  }
+  if (sq > (1 << 30) || sk > (1 << 30) || b > 65535 || h > 65535) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: shape too large");
+  }
+  if (!(softmax_scale > 0.f) || !(softcap >= 0.f)) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: need softmax_scale > 0 and softcap >= 0");
+  }
+  const LaunchFn fn = select_kernel(dt == ffi::DataType::BF16, d, dv);
+  if (fn == nullptr) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: no kernel compiled for head dims (" + std::to_string(d) + ", " +
+                                       std::to_string(dv) + ")");
+  }
+  const int64_t ws_needed = fa3::bwd_workspace_bytes(b, sq, sk, h, hk, d, dv, deterministic);
+  if (int64_t(workspace->size_bytes()) < ws_needed) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: workspace has " + std::to_string(workspace->size_bytes()) +
+                                       " bytes, needs " + std::to_string(ws_needed));
+  }
+
+  fa3::BwdParams p;
+  p.dout = dout.untyped_data();
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out.untyped_data();
+  p.lse = lse.typed_data();
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv_buf->untyped_data();
+  p.workspace = workspace->untyped_data();
+  p.workspace_bytes = int64_t(workspace->size_bytes());
+  p.batch = int(b);
+  p.seqlen_q = int(sq);
+  p.seqlen_k = int(sk);
+  p.heads = int(h);
+  p.kv_heads = int(hk);
+  p.head_dim = int(d);
+  p.head_dim_v = int(dv);
+  p.softmax_scale = softmax_scale;
+  p.softcap = softcap;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.deterministic = deterministic;
+  p.device = device;
+
+  const cudaError_t err = fn(p, stream);
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("fa3_jax_bwd: launch failed: ") + cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_bwd, Fa3Bwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()  // dout
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // out
+                                  .Arg<LseBuffer>()       // lse
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<WorkspaceBuffer>()  // workspace
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<bool>("deterministic"));

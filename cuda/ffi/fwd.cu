@@ -1,0 +1,187 @@
+// XLA FFI handler "fa3_jax_fwd": decode buffers and attributes, check what Python cannot, fill fa3::FwdParams, pick
+// the compiled (dtype, d, d_v) instantiation and launch it on XLA's stream. No kernel logic here.
+//
+// Operands q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, d_v), bf16|f16, BSHD contiguous.
+// Results  out (b, s_q, h, d_v) (dtype of q), lse (b, h, s_q) f32, workspace (n,) u8 with
+//          n = fa3::fwd_workspace_bytes(...) (0 today).
+// Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned,
+//          already resolved by Python; see fa3/params.h).
+//
+// Not marked kCmdBufferCompatible yet (JAX_FFI.md §2.7, KERNELS.md §8.3 item 9): the launch itself is capture-safe
+// (no allocation, sync or host reads of device data; TMA descriptors are rebuilt per call and passed by value), but
+// the first call per (instantiation, device) runs cudaFuncSetAttribute, and XLA graph replay with moved buffers has
+// not been tested.
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "fa3/fwd_launch.h"
+#include "fa3/params.h"
+#include "fa3/workspace.h"
+#include "fa3_kernel_list.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace fa3 {
+
+int64_t fwd_workspace_bytes(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) { return 0; }
+
+}  // namespace fa3
+
+namespace {
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  cudaError_t err = cudaSuccess;
+  int major = 0, minor = 0, num_sms = 0;
+};
+
+// Device attributes, read once per device (never per call: cudaGetDeviceProperties is slow).
+const DeviceInfo& device_info(int device) {
+  static std::once_flag once[kMaxDevices];
+  static DeviceInfo info[kMaxDevices];
+  std::call_once(once[device], [device] {
+    DeviceInfo& d = info[device];
+    d.err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (d.err == cudaSuccess) d.err = cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device);
+    if (d.err == cudaSuccess) d.err = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, device);
+  });
+  return info[device];
+}
+
+std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + ")";
+}
+
+using LaunchFn = cudaError_t (*)(const fa3::FwdParams&, cudaStream_t);
+
+#define FA3_FWD_DISPATCH_ENTRY(Element, dtype_name, hdim, hdimv)                           \
+  if (is_bf16 == (std::string(#dtype_name) == "bf16") && d == hdim && dv == hdimv) {       \
+    return &fa3::run_fwd<Element, hdim, hdimv>;                                            \
+  }
+
+LaunchFn select_kernel(bool is_bf16, int64_t d, int64_t dv) {
+  FA3_JAX_FWD_KERNELS(FA3_FWD_DISPATCH_ENTRY)
+  return nullptr;
+}
+
+ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                  ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32, 3> lse,
+                  ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap, int64_t window_left,
+                  int64_t window_right) {
+  if (device < 0 || device >= kMaxDevices) return ffi::Error::InvalidArgument("fa3_jax_fwd: bad device ordinal");
+  const DeviceInfo& dev = device_info(device);
+  if (dev.err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("fa3_jax_fwd: cudaDeviceGetAttribute failed: ") +
+                                cudaGetErrorString(dev.err));
+  }
+  if (dev.major != 9 || dev.minor != 0) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: needs a compute capability 9.0 GPU (H100/H200), got " +
+                                       std::to_string(dev.major) + "." + std::to_string(dev.minor));
+  }
+
+  const auto dt = q.element_type();
+  if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: q must be bfloat16 or float16");
+  }
+  if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: q, k, v and out must share a dtype");
+  }
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions();
+  const auto ld = lse->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || od.size() != 4) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: q, k, v, out must be rank 4 (BSHD)");
+  }
+  const int64_t b = qd[0], sq = qd[1], h = qd[2], d = qd[3];
+  const int64_t sk = kd[1], hk = kd[2], dv = vd[3];
+  if (kd[0] != b || kd[3] != d || vd[0] != b || vd[1] != sk || vd[2] != hk || od[0] != b || od[1] != sq ||
+      od[2] != h || od[3] != dv || ld[0] != b || ld[1] != h || ld[2] != sq) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: inconsistent shapes q" + dims_str(qd) + " k" + dims_str(kd) +
+                                       " v" + dims_str(vd) + " out" + dims_str(od) + " lse" + dims_str(ld));
+  }
+  if (b < 1 || sq < 1 || sk < 1 || h < 1 || hk < 1 || h % hk != 0) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: need batch, seqlens, heads >= 1 and heads % kv_heads == 0");
+  }
+  if (sq > INT32_MAX || sk > INT32_MAX || b * h > INT32_MAX) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: shape too large");
+  }
+  if (!(softmax_scale > 0.f) || !(softcap >= 0.f)) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: need softmax_scale > 0 and softcap >= 0");
+  }
+  const LaunchFn fn = select_kernel(dt == ffi::DataType::BF16, d, dv);
+  if (fn == nullptr) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: no kernel compiled for head dims (" + std::to_string(d) + ", " +
+                                       std::to_string(dv) + ")");
+  }
+  const int64_t ws_needed = fa3::fwd_workspace_bytes(b, sq, sk, h, hk, d, dv);
+  if (int64_t(workspace->size_bytes()) < ws_needed) {
+    return ffi::Error::InvalidArgument("fa3_jax_fwd: workspace too small");
+  }
+
+  fa3::FwdParams p;
+  p.q = q.untyped_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.out = out->untyped_data();
+  p.lse = lse->typed_data();
+  // Contiguous BSHD strides, in elements.
+  p.q_head_stride = d;
+  p.q_row_stride = h * d;
+  p.q_batch_stride = sq * h * d;
+  p.k_head_stride = d;
+  p.k_row_stride = hk * d;
+  p.k_batch_stride = sk * hk * d;
+  p.v_head_stride = dv;
+  p.v_row_stride = hk * dv;
+  p.v_batch_stride = sk * hk * dv;
+  p.o_head_stride = dv;
+  p.o_row_stride = h * dv;
+  p.o_batch_stride = sq * h * dv;
+  p.lse_head_stride = sq;
+  p.lse_batch_stride = h * sq;
+  p.batch = int(b);
+  p.seqlen_q = int(sq);
+  p.seqlen_k = int(sk);
+  p.heads = int(h);
+  p.kv_heads = int(hk);
+  p.head_dim = int(d);
+  p.head_dim_v = int(dv);
+  p.softmax_scale = softmax_scale;
+  p.softcap = softcap;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.workspace = workspace->untyped_data();
+  p.workspace_bytes = int64_t(workspace->size_bytes());
+  p.device = device;
+
+  const cudaError_t err = fn(p, stream);
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("fa3_jax_fwd: launch failed: ") + cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+using LseBuffer = ffi::Buffer<ffi::F32, 3>;  // (a comma inside the macro argument would split it)
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_fwd, Fa3Fwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::DeviceOrdinal>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<LseBuffer>()  // lse
+                                  .Ret<ffi::AnyBuffer>()  // workspace
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right"));

@@ -1,0 +1,104 @@
+// Backward block ranges and the dQ writer (KERNELS.md §4.2, §4.5).
+//
+// Block ranges: the KV-stationary CTA of key block n visits every M-block with at least one visible (row, key)
+// pair; the deterministic dQ order needs the inverse (first key block contributing to an M-block). Both derive from
+// one predicate (pair (m, n) visible iff the interval of j - i over the two clipped blocks meets [win_lo, win_hi]),
+// so "n visits m" and "m waits for n" can never disagree (a disagreement would deadlock the deterministic mode).
+//
+// dQ: each CTA adds its kBlockM x d partial into an fp32 workspace tile with vector reductions
+// (red.global.add.v4.f32) straight from registers. The tile is stored in fragment order, granule g of consumer
+// thread t at float offset (g * 256 + t) * 4, so a warp's 32 reductions cover 512 contiguous bytes.
+// Deterministic mode orders the CTAs adding into one tile by a per-tile semaphore: key block n adds when the
+// counter equals n - n_first(m), then increments it.
+#pragma once
+
+#include "cute/tensor.hpp"
+
+namespace fa3 {
+namespace bwd {
+
+struct Range {
+  int lo, hi;  // inclusive; empty if lo > hi
+};
+
+// M-blocks visited by key block n.
+CUTE_HOST_DEVICE Range m_range_for_n(int n, int kBlockM, int kBlockN, int seqlen_q, int seqlen_k, int win_lo,
+                                     int win_hi) {
+  Range r{0, -1};
+  if (win_lo > win_hi) return r;
+  const int j_min = n * kBlockN;
+  const int j_max = min((n + 1) * kBlockN, seqlen_k) - 1;
+  const int i_lo = max(0, j_min - win_hi);
+  const int i_hi = min(seqlen_q - 1, j_max - win_lo);
+  if (i_lo > i_hi) return r;
+  return Range{i_lo / kBlockM, i_hi / kBlockM};
+}
+
+// First key block contributing to M-block m (only meaningful when the range is non-empty).
+CUTE_HOST_DEVICE int first_n_for_m(int m, int kBlockN, int kBlockM, int win_lo) {
+  const int j_lo = max(0, m * kBlockM + win_lo);
+  return j_lo / kBlockN;
+}
+
+// Whether every (row, key) of the full, unclipped tile is visible and in range: then the mask can be skipped.
+// Rows past seqlen_q need no mask (their lse is +inf); keys past seqlen_k do.
+CUTE_HOST_DEVICE bool tile_needs_mask(int m, int n, int kBlockM, int kBlockN, int seqlen_k, int win_lo, int win_hi) {
+  const int min_diff = n * kBlockN - ((m + 1) * kBlockM - 1);
+  const int max_diff = (n + 1) * kBlockN - 1 - m * kBlockM;
+  return (n + 1) * kBlockN > seqlen_k || min_diff < win_lo || max_diff > win_hi;
+}
+
+CUTE_DEVICE void red_add_v4(float* gptr, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(gptr), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+
+CUTE_DEVICE int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Consumer-thread named barrier (256 threads). Ids 0-7 are CUTLASS's reserved ones; named barriers are per CTA, so
+// the forward kernel's ids cannot interact with this one.
+enum class BwdBarrier : int { kConsumers = 8 };
+
+CUTE_DEVICE void consumer_sync() {
+  asm volatile("bar.sync %0, %1;" ::"r"(int(BwdBarrier::kConsumers)), "r"(256) : "memory");
+}
+
+// Adds a dQ partial fragment into its workspace tile. `tid` is the consumer thread index (0..255).
+template <class Tensor>
+CUTE_DEVICE void dq_accumulate(Tensor const& frag, float* tile, int tid) {
+  using namespace cute;
+  constexpr int N = decltype(size(frag))::value;
+  CUTE_UNROLL
+  for (int g = 0; g < N / 4; ++g) {
+    red_add_v4(tile + (g * 256 + tid) * 4, frag(4 * g), frag(4 * g + 1), frag(4 * g + 2), frag(4 * g + 3));
+  }
+}
+
+// Deterministic mode: wait until it is this CTA's turn on the tile's counter. A spin budget turns a logic error
+// into a trap (launch failure) instead of a hung GPU.
+CUTE_DEVICE void dq_wait_turn(const int* sem, int turn, int tid) {
+  if (tid == 0) {
+    long long spins = 0;
+    while (ld_acquire(sem) != turn) {
+      __nanosleep(64);
+      if (++spins > (1ll << 27)) __trap();
+    }
+  }
+  consumer_sync();
+}
+
+CUTE_DEVICE void dq_pass_turn(int* sem, int tid) {
+  __threadfence();  // this thread's reductions are performed before the counter moves
+  consumer_sync();
+  if (tid == 0) {
+    __threadfence();
+    atomicAdd(sem, 1);
+  }
+}
+
+}  // namespace bwd
+}  // namespace fa3

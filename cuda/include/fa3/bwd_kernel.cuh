@@ -1,0 +1,251 @@
+// Backward main kernel (KERNELS.md §4.2): one CTA per (key block, kv head, batch), KV-stationary.
+//
+// Warpgroup 0 is the producer: thread 0 loads K and V once (one transaction barrier), then streams Q and dO tiles
+// of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline. Warpgroups 1-2 consume:
+//   S = Q K^T, dP = dO V^T              (SS, accumulators in registers)
+//   P, dS elementwise                   (bwd_mainloop.cuh), written to SMEM as 16-bit
+//   dV += P^T dO, dK += dS^T Q          (SS on transposed SMEM views, accumulators live across the whole loop)
+//   dQ_partial = dS K                   (SS), reduced into the fp32 workspace (bwd_dq.cuh)
+// Looping over the query heads of a GQA group inside the CTA keeps dK/dV in registers: no dK/dV workspace and no
+// cross-CTA reduction for GQA/MQA (deterministic by construction); the cost is fewer CTAs when h_k * b is small.
+#pragma once
+
+#include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/arch/reg_reconfig.h"
+#include "cutlass/pipeline/sm90_pipeline.hpp"
+
+#include "fa3/bwd_dq.cuh"
+#include "fa3/bwd_mainloop.cuh"
+#include "fa3/bwd_traits.cuh"
+#include "fa3/fragment.cuh"
+
+namespace fa3 {
+namespace bwd {
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __grid_constant__ BwdArgs<Traits> args) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  using BM = typename Traits::BM;
+  using BN = typename Traits::BN;
+  using D = typename Traits::D;
+  using DV = typename Traits::DV;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+  constexpr int kHeadDim = Traits::kHeadDim, kHeadDimV = Traits::kHeadDimV;
+  using SharedStorage = typename Traits::SharedStorage;
+  using Pipeline = typename Traits::MainloopPipeline;
+  using Barrier = cutlass::arch::ClusterTransactionBarrier;
+
+  extern __shared__ char smem_raw[];
+  SharedStorage& ss =
+      *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+
+  const int n_block = blockIdx.x, kv_head = blockIdx.y, bidb = blockIdx.z;
+  const Range mr = m_range_for_n(n_block, kBlockM, kBlockN, args.seqlen_q, args.seqlen_k, args.win_lo, args.win_hi);
+  const int m_count = mr.hi >= mr.lo ? mr.hi - mr.lo + 1 : 0;
+  const int n_iters = m_count * args.group;
+  const int warp_group = threadIdx.x / 128;
+
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Traits::kTmaBytesQdO;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Traits::kNumMmaThreads;
+  Pipeline pipeline(ss.pipe, pipe_params, Shape<_1, _1, _1>{});
+  if (threadIdx.x == 0) Barrier::init(&ss.kv_barrier, 1);
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutdO{});
+  Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});
+  Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});
+
+  if (warp_group == 0) {
+    // ---------------- producer ----------------
+    cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
+    if (threadIdx.x != 0 || n_iters == 0) return;
+    Tensor mK = args.tma_k.get_tma_tensor(args.shape_k);
+    Tensor mV = args.tma_v.get_tma_tensor(args.shape_v);
+    Tensor gK = local_tile(mK(_, _, kv_head, bidb), Shape<BN, D>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(mV(_, _, kv_head, bidb), Shape<BN, DV>{}, make_coord(n_block, _0{}));
+    auto [tKgK, tKsK] = tma_partition(args.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    auto [tVgV, tVsV] = tma_partition(args.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+    Barrier::arrive_and_expect_tx(&ss.kv_barrier, Traits::kTmaBytesKV);
+    copy(args.tma_k.with(ss.kv_barrier), tKgK, tKsK);
+    copy(args.tma_v.with(ss.kv_barrier), tVgV, tVsV);
+
+    Tensor mQ = args.tma_q.get_tma_tensor(args.shape_q);
+    Tensor mdO = args.tma_do.get_tma_tensor(args.shape_do);
+    auto state = cutlass::make_producer_start_state<Pipeline>();
+    for (int it = 0; it < n_iters; ++it) {
+      const int head = kv_head * args.group + it / m_count;
+      const int m_block = mr.lo + it % m_count;
+      Tensor gQ = local_tile(mQ(_, _, head, bidb), Shape<BM, D>{}, make_coord(m_block, _0{}));
+      Tensor gdO = local_tile(mdO(_, _, head, bidb), Shape<BM, DV>{}, make_coord(m_block, _0{}));
+      auto [tQgQ, tQsQ] = tma_partition(args.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                        group_modes<0, 2>(gQ));
+      auto [tdOgdO, tdOsdO] = tma_partition(args.tma_do, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO),
+                                            group_modes<0, 2>(gdO));
+      pipeline.producer_acquire(state);
+      uint64_t* bar = pipeline.producer_get_barrier(state);
+      copy(args.tma_q.with(*bar), tQgQ, tQsQ(_, state.index()));
+      copy(args.tma_do.with(*bar), tdOgdO, tdOsdO(_, state.index()));
+      ++state;
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
+  const int tid = threadIdx.x - 128;
+
+  Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPdS{});
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutPdS{});
+  Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPdSt{});
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutPdSt{});
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQt{});
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutdOt{});
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutKt{});
+
+  typename Traits::TiledMmaSdP mma_sdp;
+  typename Traits::TiledMmadV mma_dv;
+  typename Traits::TiledMmadK mma_dk;
+  typename Traits::TiledMmadQ mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(tid);
+  auto thr_dv = mma_dv.get_thread_slice(tid);
+  auto thr_dk = mma_dk.get_thread_slice(tid);
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+
+  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);      // (MMA, MMA_M, MMA_K, stage)
+  Tensor tSrK = thr_sdp.partition_fragment_B(sK);      // (MMA, MMA_N, MMA_K)
+  Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);   // (MMA, MMA_M, MMA_K, stage)
+  Tensor tdPrV = thr_sdp.partition_fragment_B(sV);
+  Tensor tdVrPt = thr_dv.partition_fragment_A(sPt);    // (MMA, MMA_M, MMA_K, pds stage)
+  Tensor tdVrdOt = thr_dv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, stage)
+  Tensor tdKrdSt = thr_dk.partition_fragment_A(sdSt);
+  Tensor tdKrQt = thr_dk.partition_fragment_B(sQt);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
+  Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
+
+  Tensor tdVrdV = partition_fragment_C(mma_dv, Shape<BN, DV>{});
+  Tensor tdKrdK = partition_fragment_C(mma_dk, Shape<BN, D>{});
+  clear(tdVrdV);
+  clear(tdKrdK);
+
+  // Tile coordinates of the S/dP registers, as (rows, cols).
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<BM, BN>{}));
+  Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+
+  // Converts an S/dP-shaped fp32 fragment to 16 bits and stores it (column pairs as 32-bit words) into a P/dS buffer.
+  auto write_pair_fragment = [&](auto const& frag, auto& smem, int buf) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(frag); i += 2) {
+      Element pair[2] = {static_cast<Element>(frag(i)), static_cast<Element>(frag(i + 1))};
+      *reinterpret_cast<uint32_t*>(&smem(get<0>(tScS(i)), get<1>(tScS(i)), buf)) = *reinterpret_cast<uint32_t*>(pair);
+    }
+  };
+
+  const int rows_padded = args.num_m_blocks * kBlockM;
+  if (n_iters > 0) {
+    Barrier::wait(&ss.kv_barrier, 0);
+    cutlass::PipelineState<Traits::kStages> state;
+    for (int it = 0; it < n_iters; ++it) {
+      const int head = kv_head * args.group + it / m_count;
+      const int m_block = mr.lo + it % m_count;
+      const int stage = state.index();
+      const int pds = Traits::kStagesPdS == 1 ? 0 : (it & 1);
+
+      pipeline.consumer_wait(state);
+      Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BM, BN>{});
+      Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<BM, BN>{});
+      Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
+      gemm_ss<true>(mma_sdp, tSrQ(_, _, _, stage), tSrK, tSrS);
+      gemm_ss<true>(mma_sdp, tdPrdO(_, _, _, stage), tdPrV, tdPrdP);
+
+      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+      Tensor dp_rc = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
+      const size_t row_base = (size_t(bidb) * args.heads + head) * rows_padded + size_t(m_block) * kBlockM;
+      const float* lse = args.lse_log2 + row_base;
+      const float* dsum = args.dsum + row_base;
+      const int row0 = m_block * kBlockM, col0 = n_block * kBlockN;
+      const bool need_mask =
+          tile_needs_mask(m_block, n_block, kBlockM, kBlockN, args.seqlen_k, args.win_lo, args.win_hi);
+
+      warpgroup_wait<0>();
+      if (args.has_softcap) {
+        if (need_mask) {
+          scores_to_grads<true, true>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+                                      args.win_hi, args.scale_log2, args.softcap_pre);
+        } else {
+          scores_to_grads<false, true>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+                                       args.win_hi, args.scale_log2, args.softcap_pre);
+        }
+      } else {
+        if (need_mask) {
+          scores_to_grads<true, false>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+                                       args.win_hi, args.scale_log2, args.softcap_pre);
+        } else {
+          scores_to_grads<false, false>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+                                        args.win_hi, args.scale_log2, args.softcap_pre);
+        }
+      }
+      // With one P/dS buffer, both warpgroups must have finished the previous iteration's GEMMs reading it.
+      if constexpr (Traits::kStagesPdS == 1) consumer_sync();
+      write_pair_fragment(tSrS, sP, pds);
+      write_pair_fragment(tdPrdP, sdS, pds);
+      // Generic-proxy SMEM writes must be visible to the async proxy (WGMMA) of both warpgroups.
+      cutlass::arch::fence_view_async_shared();
+      consumer_sync();
+      gemm_ss<false>(mma_dv, tdVrPt(_, _, _, pds), tdVrdOt(_, _, _, stage), tdVrdV);
+      gemm_ss<false>(mma_dk, tdKrdSt(_, _, _, pds), tdKrQt(_, _, _, stage), tdKrdK);
+      gemm_ss<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
+      warpgroup_wait<0>();
+      pipeline.consumer_release(state);
+      ++state;
+
+      const size_t tile = (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
+      float* dq_tile = args.dq_accum + tile * (kBlockM * kHeadDim);
+      if (args.deterministic) {
+        int* sem = args.dq_sem + tile;
+        dq_wait_turn(sem, n_block - first_n_for_m(m_block, kBlockN, kBlockM, args.win_lo), tid);
+        dq_accumulate(tdQrdQ, dq_tile, tid);
+        dq_pass_turn(sem, tid);
+      } else {
+        dq_accumulate(tdQrdQ, dq_tile, tid);
+      }
+    }
+  }
+
+  // ---------------- epilogue: dK (scaled), dV straight from registers ----------------
+  {
+    Tensor tdKcdK = thr_dk.partition_C(make_identity_tensor(Shape<BN, D>{}));
+    Element* dk = args.dk + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kHeadDim;
+    const size_t stride = size_t(args.kv_heads) * kHeadDim;
+    CUTE_UNROLL
+    for (int i = 0; i < size(tdKrdK); i += 2) {
+      const int row = n_block * kBlockN + get<0>(tdKcdK(i));
+      if (row < args.seqlen_k) {
+        Element v2[2] = {Element(tdKrdK(i) * args.softmax_scale), Element(tdKrdK(i + 1) * args.softmax_scale)};
+        *reinterpret_cast<uint32_t*>(dk + row * stride + get<1>(tdKcdK(i))) = *reinterpret_cast<uint32_t*>(v2);
+      }
+    }
+  }
+  {
+    Tensor tdVcdV = thr_dv.partition_C(make_identity_tensor(Shape<BN, DV>{}));
+    Element* dv = args.dv + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kHeadDimV;
+    const size_t stride = size_t(args.kv_heads) * kHeadDimV;
+    CUTE_UNROLL
+    for (int i = 0; i < size(tdVrdV); i += 2) {
+      const int row = n_block * kBlockN + get<0>(tdVcdV(i));
+      if (row < args.seqlen_k) {
+        Element v2[2] = {Element(tdVrdV(i)), Element(tdVrdV(i + 1))};
+        *reinterpret_cast<uint32_t*>(dv + row * stride + get<1>(tdVcdV(i))) = *reinterpret_cast<uint32_t*>(v2);
+      }
+    }
+  }
+}
+
+}  // namespace bwd
+}  // namespace fa3

@@ -1,0 +1,114 @@
+// Host side of the backward: workspace carve-up, zeroing, TMA descriptors, one-time SMEM opt-in, three launches
+// (preprocess, main, postprocess) on the caller's stream. No allocation, no synchronisation.
+#pragma once
+
+#include <cmath>
+#include <mutex>
+
+#include "cute/tensor.hpp"
+
+#include "fa3/block_range.h"
+#include "fa3/bwd_kernel.cuh"
+#include "fa3/bwd_launch.h"
+#include "fa3/bwd_postprocess.cuh"
+#include "fa3/bwd_preprocess.cuh"
+#include "fa3/bwd_traits.cuh"
+
+namespace fa3 {
+
+namespace bwd_detail {
+constexpr int kMaxDevices = 64;
+}
+
+template <class Element, int kHeadDim, int kHeadDimV>
+cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
+  using namespace cute;
+  using Traits = bwd::BwdTraits<Element, kHeadDim, kHeadDimV>;
+  using Args = bwd::BwdArgs<Traits>;
+  if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || p.seqlen_q < 1 || p.seqlen_k < 1 || p.batch < 1 ||
+      p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 ||
+      p.device >= bwd_detail::kMaxDevices) {
+    return cudaErrorInvalidValue;
+  }
+  const BwdWorkspaceLayout ws = bwd_workspace_layout(p.batch, p.seqlen_q, p.heads, kHeadDim, p.deterministic);
+  if (p.workspace == nullptr || p.workspace_bytes < ws.total) return cudaErrorInvalidValue;
+  char* wbase = static_cast<char*>(p.workspace);
+  const int num_m = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int num_n = (p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  const int rows_padded = num_m * Traits::kBlockM;
+
+  cudaError_t err = cudaMemsetAsync(wbase, 0, size_t(ws.zero_bytes), stream);
+  if (err != cudaSuccess) return err;
+
+  {
+    const long long total_rows = (long long)p.batch * p.heads * rows_padded;
+    const long long blocks = (total_rows + 7) / 8;
+    if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+    bwd::bwd_preprocess_kernel<Element, kHeadDimV><<<unsigned(blocks), 256, 0, stream>>>(
+        static_cast<const Element*>(p.dout), static_cast<const Element*>(p.out), p.lse,
+        reinterpret_cast<float*>(wbase + ws.lse), reinterpret_cast<float*>(wbase + ws.dsum), p.seqlen_q, p.heads,
+        rows_padded, total_rows);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+
+  auto make_gmem = [](const void* ptr, int seqlen, int d, int heads, int batch) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
+                       typename Traits::ShapeQKV{seqlen, d, heads, batch},
+                       typename Traits::StrideQKV{int64_t(heads) * d, _1{}, int64_t(d), int64_t(seqlen) * heads * d});
+  };
+  auto mQ = make_gmem(p.q, p.seqlen_q, kHeadDim, p.heads, p.batch);
+  auto mdO = make_gmem(p.dout, p.seqlen_q, kHeadDimV, p.heads, p.batch);
+  auto mK = make_gmem(p.k, p.seqlen_k, kHeadDim, p.kv_heads, p.batch);
+  auto mV = make_gmem(p.v, p.seqlen_k, kHeadDimV, p.kv_heads, p.batch);
+
+  const MaskWindow w = MaskWindow::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
+  const int off = p.seqlen_k - p.seqlen_q;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const bool has_softcap = p.softcap > 0.f;
+
+  Args args{
+      make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}),
+                    Shape<typename Traits::BM, typename Traits::D>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, mdO, take<0, 2>(typename Traits::SmemLayoutdO{}),
+                    Shape<typename Traits::BM, typename Traits::DV>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, mK, typename Traits::SmemLayoutK{}, Shape<typename Traits::BN, typename Traits::D>{},
+                    _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, mV, typename Traits::SmemLayoutV{},
+                    Shape<typename Traits::BN, typename Traits::DV>{}, _1{}),
+      mQ.shape(), mdO.shape(), mK.shape(), mV.shape(),
+      static_cast<Element*>(p.dk), static_cast<Element*>(p.dv),
+      reinterpret_cast<const float*>(wbase + ws.lse), reinterpret_cast<const float*>(wbase + ws.dsum),
+      reinterpret_cast<float*>(wbase + ws.dq), p.deterministic ? reinterpret_cast<int*>(wbase + ws.sem) : nullptr,
+      p.seqlen_q, p.seqlen_k, p.heads, p.kv_heads, p.batch, p.heads / p.kv_heads,
+      num_m, num_n,
+      off - w.left, off + w.right,
+      has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e,
+      has_softcap ? p.softmax_scale / p.softcap : 0.f,
+      p.softmax_scale,
+      has_softcap,
+      p.deterministic};
+
+  auto kernel = bwd::bwd_kernel<Traits>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  static std::once_flag once[bwd_detail::kMaxDevices];
+  static cudaError_t once_err[bwd_detail::kMaxDevices];
+  std::call_once(once[p.device], [&] {
+    once_err[p.device] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  });
+  if (once_err[p.device] != cudaSuccess) return once_err[p.device];
+  if (p.kv_heads > 65535 || p.batch > 65535) return cudaErrorInvalidConfiguration;
+  // blockIdx.x = key block: in deterministic mode a CTA only waits for lower key blocks of the same (head, batch),
+  // which have lower linear block ids and are therefore already resident or finished.
+  kernel<<<dim3(num_n, p.kv_heads, p.batch), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  if (p.heads > 65535) return cudaErrorInvalidConfiguration;
+  bwd::bwd_postprocess_kernel<Traits><<<dim3(num_m, p.heads, p.batch), 256, 0, stream>>>(
+      reinterpret_cast<const float*>(wbase + ws.dq), static_cast<Element*>(p.dq), p.seqlen_q, p.heads,
+      p.softmax_scale);
+  return cudaGetLastError();
+}
+
+}  // namespace fa3

@@ -1,0 +1,45 @@
+// Backward postprocess (KERNELS.md §4.3 (3)): dQ = softmax_scale * dQ_accum, converted to the element type.
+// The accumulator holds each kBlockM x d tile in the dQ GEMM's fragment order (see bwd_dq.cuh), so this kernel
+// partitions an identity tensor with the same tiled MMA to find each value's (row, column).
+#pragma once
+
+#include "cute/tensor.hpp"
+
+namespace fa3 {
+namespace bwd {
+
+// grid (m_blocks, heads, batch), 256 threads (one per consumer thread of the main kernel).
+template <class Traits>
+__global__ void __launch_bounds__(256) bwd_postprocess_kernel(const float* __restrict__ dq_accum,
+                                                              typename Traits::Element* __restrict__ dq,
+                                                              int seqlen_q, int heads, float scale) {
+  using namespace cute;
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM, kHeadDim = Traits::kHeadDim;
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x;
+  typename Traits::TiledMmadQ mma;
+  auto thr = mma.get_thread_slice(tid);
+  Tensor coords = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  static_assert(decltype(size(coords))::value == Traits::kdQPerThread);
+  const float* src = dq_accum + ((size_t(b) * heads + h) * gridDim.x + m_block) * (kBlockM * kHeadDim);
+  const size_t row_stride = size_t(heads) * kHeadDim;
+  Element* dst = dq + (size_t(b) * seqlen_q * heads + h) * kHeadDim;
+  CUTE_UNROLL
+  for (int g = 0; g < Traits::kdQPerThread / 4; ++g) {
+    const float4 v = *reinterpret_cast<const float4*>(src + (size_t(g) * 256 + tid) * 4);
+    const float vals[4] = {v.x, v.y, v.z, v.w};
+    CUTE_UNROLL
+    for (int e = 0; e < 4; e += 2) {
+      const int row = m_block * kBlockM + get<0>(coords(g * 4 + e));
+      const int col = get<1>(coords(g * 4 + e));
+      if (row < seqlen_q) {
+        Element pair[2] = {Element(vals[e] * scale), Element(vals[e + 1] * scale)};
+        *reinterpret_cast<uint32_t*>(dst + row * row_stride + col) = *reinterpret_cast<uint32_t*>(pair);
+      }
+    }
+  }
+}
+
+}  // namespace bwd
+}  // namespace fa3

@@ -1,0 +1,168 @@
+// Backward tile configuration: tile sizes, SMEM layouts and the five tiled WGMMAs (KERNELS.md §4).
+//
+// Every GEMM is SS (both operands from SMEM): P and dS go through SMEM once per iteration and feed dV, dK and dQ.
+// That keeps one code path for all head dims (d=192/256 have no register room for RS-form dK/dV at 128 key rows).
+// Two consumer warpgroups split each GEMM along M or N. A warpgroup's slice of an MN-major operand must start on a
+// swizzle-atom boundary (its WGMMA descriptor cannot start inside an atom), so each tensor's swizzle width is the
+// largest of 64/32/16 elements that divides every MN-major slice taken of it (NOTES_bwd.md, "swizzle widths").
+#pragma once
+
+#include "cute/tensor.hpp"
+#include "cute/atom/mma_traits_sm90_gmma.hpp"
+#include "cute/atom/copy_traits_sm90_tma.hpp"
+#include "cutlass/pipeline/sm90_pipeline.hpp"
+
+#include "fa3/bwd_launch.h"
+
+namespace fa3 {
+namespace bwd {
+
+using namespace cute;
+
+template <int kWidth, class Element>
+struct SmemAtomK;
+template <class Element>
+struct SmemAtomK<64, Element> { using type = GMMA::Layout_K_SW128_Atom<Element>; };
+template <class Element>
+struct SmemAtomK<32, Element> { using type = GMMA::Layout_K_SW64_Atom<Element>; };
+template <class Element>
+struct SmemAtomK<16, Element> { using type = GMMA::Layout_K_SW32_Atom<Element>; };
+
+// Largest swizzle width (elements of 16 bits) dividing every extent given.
+constexpr int swizzle_width(int a, int b) {
+  return (a % 64 == 0 && b % 64 == 0) ? 64 : ((a % 32 == 0 && b % 32 == 0) ? 32 : 16);
+}
+
+template <class Element_, int kHeadDim_, int kHeadDimV_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDimV = kHeadDimV_;
+  static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0 && kHeadDim <= 256 && kHeadDimV <= 256);
+  static constexpr int kBlockM = bwd_block_m(kHeadDim);
+  static constexpr int kBlockN = bwd_block_n(kHeadDim);
+  static constexpr int kNumMmaThreads = 256;  // 2 consumer warpgroups
+  static constexpr int kNumThreads = 384;     // + 1 producer warpgroup
+  // setmaxnreg moves registers within the CTA's launch allocation (384 x 168 = 64512 under __launch_bounds__(384, 1)),
+  // not the whole 64K file: 128*24 + 256*240 = 64512 exactly. (32/240 would need 65536: the consumers' setmaxnreg.inc
+  // then waits forever, which is how a first version hung.)
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static constexpr int kStages = 2;  // Q / dO pipeline depth
+  // P/dS double-buffered where SMEM allows; single-buffered needs one more consumer barrier per iteration.
+  static constexpr int kStagesPdS = kHeadDim == 256 ? 1 : 2;
+
+  using BM = Int<kBlockM>;
+  using BN = Int<kBlockN>;
+  using D = Int<kHeadDim>;
+  using DV = Int<kHeadDimV>;
+
+  // Warpgroup split per GEMM: along M when the GEMM has 128 rows, else along N.
+  static constexpr bool kSdPAlongM = kBlockM == 128;
+  static constexpr bool kdKVAlongM = kBlockN == 128;
+  static constexpr bool kdQAlongM = kBlockM == 128;
+  static constexpr int kSdPN = kSdPAlongM ? kBlockN : kBlockN / 2;      // per-warpgroup N of S / dP
+  static constexpr int kdKN = kdKVAlongM ? kHeadDim : kHeadDim / 2;     // per-warpgroup N of dK
+  static constexpr int kdVN = kdKVAlongM ? kHeadDimV : kHeadDimV / 2;   // per-warpgroup N of dV
+  static constexpr int kdQN = kdQAlongM ? kHeadDim : kHeadDim / 2;      // per-warpgroup N of dQ
+  using AtomLayoutSdP = std::conditional_t<kSdPAlongM, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>;
+  using AtomLayoutdKV = std::conditional_t<kdKVAlongM, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>;
+  using AtomLayoutdQ = std::conditional_t<kdQAlongM, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>;
+
+  // S = Q K^T and dP = dO V^T: (kBlockM x kBlockN), both operands K-major.
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSdPN>, _16>>(), AtomLayoutSdP{}));
+  // dV += P^T dO and dK += dS^T Q: (kBlockN x d), A and B are transposed (MN-major) views.
+  using TiledMmadV = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kdVN>, _16>, GMMA::Major::MN, GMMA::Major::MN>(),
+      AtomLayoutdKV{}));
+  using TiledMmadK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kdKN>, _16>, GMMA::Major::MN, GMMA::Major::MN>(),
+      AtomLayoutdKV{}));
+  // dQ = dS K: (kBlockM x d), A K-major, B = K^T view (MN-major).
+  using TiledMmadQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kdQN>, _16>, GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayoutdQ{}));
+
+  // Swizzle widths: Q^T is sliced by dK's N, K^T by dQ's N, dO^T by dV's N; V is only read K-major.
+  static constexpr int kSwQ = swizzle_width(kHeadDim, kdKN);
+  static constexpr int kSwK = swizzle_width(kHeadDim, kdQN);
+  static constexpr int kSwdO = swizzle_width(kHeadDimV, kdVN);
+  static constexpr int kSwV = swizzle_width(kHeadDimV, kHeadDimV);
+
+  using SmemLayoutQ = decltype(tile_to_shape(typename SmemAtomK<kSwQ, Element>::type{},
+                                             Shape<BM, D, Int<kStages>>{}));
+  using SmemLayoutdO = decltype(tile_to_shape(typename SmemAtomK<kSwdO, Element>::type{},
+                                              Shape<BM, DV, Int<kStages>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(typename SmemAtomK<kSwK, Element>::type{}, Shape<BN, D>{}));
+  using SmemLayoutV = decltype(tile_to_shape(typename SmemAtomK<kSwV, Element>::type{}, Shape<BN, DV>{}));
+  // P and dS: (kBlockM x kBlockN), kBlockN contiguous; kBlockN is 64 or 128 so SW128 always fits.
+  using SmemLayoutPdS = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
+                                               Shape<BM, BN, Int<kStagesPdS>>{}));
+  // Transposed views of the same bytes.
+  using SmemLayoutQt = decltype(composition(SmemLayoutQ{},
+      make_ordered_layout(Shape<D, BM, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutdOt = decltype(composition(SmemLayoutdO{},
+      make_ordered_layout(Shape<DV, BM, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  using SmemLayoutKt = decltype(composition(SmemLayoutK{}, make_ordered_layout(Shape<D, BN>{}, Step<_2, _1>{})));
+  using SmemLayoutPdSt = decltype(composition(SmemLayoutPdS{},
+      make_ordered_layout(Shape<BN, BM, Int<kStagesPdS>>{}, Step<_2, _1, _3>{})));
+
+  using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
+
+  struct SharedStorage {
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdO>, 1024> dout;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> p;
+    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> ds;
+    typename MainloopPipeline::SharedStorage pipe;
+    alignas(16) uint64_t kv_barrier;
+  };
+  static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + manual 1024-byte alignment
+  static_assert(kSmemBytes <= 232448, "backward tile exceeds 227 KB of SMEM");
+
+  // Global tensors as TMA sees them: (seqlen, d, heads, batch).
+  using ShapeQKV = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideQKV = cute::Stride<int64_t, _1, int64_t, int64_t>;
+  using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{},
+                                          StrideQKV{}));
+  using TMA_Q = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutQ{}), Shape<BM, D>{}, _1{}));
+  using TMA_dO = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, take<0, 2>(SmemLayoutdO{}), Shape<BM, DV>{},
+                                        _1{}));
+  using TMA_K = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{}, Shape<BN, D>{}, _1{}));
+  using TMA_V = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutV{}, Shape<BN, DV>{}, _1{}));
+  static constexpr uint32_t kTmaBytesQdO = uint32_t(kBlockM) * (kHeadDim + kHeadDimV) * sizeof(Element);
+  static constexpr uint32_t kTmaBytesKV = uint32_t(kBlockN) * (kHeadDim + kHeadDimV) * sizeof(Element);
+  // dQ partial per thread (fragment order in the workspace, float4 granules).
+  static constexpr int kdQPerThread = kBlockM * kHeadDim / kNumMmaThreads;
+  static_assert(kdQPerThread % 4 == 0);
+};
+
+// Kernel arguments (built once on the host by run_bwd).
+template <class Traits>
+struct BwdArgs {
+  typename Traits::TMA_Q tma_q;
+  typename Traits::TMA_dO tma_do;
+  typename Traits::TMA_K tma_k;
+  typename Traits::TMA_V tma_v;
+  typename Traits::ShapeQKV shape_q, shape_do, shape_k, shape_v;
+  using Element = typename Traits::Element;
+  Element* dk;
+  Element* dv;
+  const float* lse_log2;  // workspace
+  const float* dsum;      // workspace
+  float* dq_accum;        // workspace
+  int* dq_sem;            // workspace (deterministic only)
+  int seqlen_q, seqlen_k, heads, kv_heads, batch, group;
+  int num_m_blocks, num_n_blocks;
+  int win_lo, win_hi;     // visible iff win_lo <= j - i <= win_hi (off - wl, off + wr)
+  float scale_log2;       // softmax_scale * log2e (no softcap) or softcap * log2e (softcap)
+  float softcap_pre;      // softmax_scale / softcap
+  float softmax_scale;
+  bool has_softcap;
+  bool deterministic;
+};
+
+}  // namespace bwd
+}  // namespace fa3

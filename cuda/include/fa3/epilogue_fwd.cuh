@@ -1,0 +1,75 @@
+// Forward epilogue: normalise O, stage it (16-bit) in Q's SMEM, write it with coalesced 16-byte row-predicated
+// stores, and write the LSE from the threads that own column 0 of each row.
+//
+// Not TMA-stored (§2 v6) yet: predicated stores are simple and can never write past seqlen_q.
+#pragma once
+
+#include "cute/tensor.hpp"
+
+#include "fa3/fragment.cuh"
+#include "fa3/fwd_traits.cuh"
+#include "fa3/pipeline.cuh"
+#include "fa3/softmax.cuh"
+
+namespace fa3 {
+
+template <class Traits>
+struct FwdEpilogue {
+  using Element = typename Traits::Element;
+  using Args = FwdArgs<Traits>;
+  using Storage = typename Traits::SharedStorage;
+
+  template <class FragO>
+  CUTE_DEVICE static void store(Args const& args, Storage& smem, int thread_idx, int m_block, int head, int batch,
+                                FragO& tOrO, OnlineSoftmax<2>& softmax) {
+    using namespace cute;
+    constexpr int kBlockM = Traits::kBlockM;
+    constexpr int kHeadDimV = Traits::kHeadDimV;
+    float inv_sum[2], lse[2];
+    softmax.finalize(inv_sum, lse);
+    Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+    CUTE_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      CUTE_UNROLL
+      for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= inv_sum[r];
+    }
+    Tensor rO = convert_fragment<Element>(tOrO);
+
+    typename Traits::TiledMmaPV mma_pv;
+    auto thr_pv = mma_pv.get_slice(thread_idx);
+    Tensor cO = make_identity_tensor(Shape<typename Traits::BM, typename Traits::DV>{});
+    Tensor tOcO = thr_pv.partition_C(cO);
+    Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+
+    const int row0 = m_block * kBlockM;
+    if (get<1>(tOcO_rc(0, 0)) == 0) {
+      float* lse_ptr = args.lse + batch * args.lse_batch_stride + head * args.lse_head_stride;
+      CUTE_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + get<0>(tOcO_rc(r, 0));
+        if (row < args.seqlen_q) lse_ptr[row] = lse[r];
+      }
+    }
+
+    // Q's SMEM becomes O's: every consumer warpgroup must be past its last Q K^T (with d != d_v the two layouts
+    // do not keep warpgroups' rows apart).
+    named_barrier_sync(Traits::kNumMmaThreads, FwdBarrier::kConsumers);
+    Tensor sO = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutO{});
+    Tensor tOsO = thr_pv.partition_C(sO);
+    copy(rO, tOsO);
+    named_barrier_sync(Traits::kNumMmaThreads, FwdBarrier::kConsumers);
+
+    constexpr int kChunksPerRow = kHeadDimV / 8;  // 16-byte chunks
+    Element* o_ptr = args.out + batch * args.o_batch_stride + head * args.o_head_stride;
+    for (int idx = thread_idx; idx < kBlockM * kChunksPerRow; idx += Traits::kNumMmaThreads) {
+      const int r = idx / kChunksPerRow;
+      const int c = (idx % kChunksPerRow) * 8;
+      const int row = row0 + r;
+      if (row < args.seqlen_q) {
+        *reinterpret_cast<uint4*>(o_ptr + row * args.o_row_stride + c) = *reinterpret_cast<uint4 const*>(&sO(r, c));
+      }
+    }
+  }
+};
+
+}  // namespace fa3

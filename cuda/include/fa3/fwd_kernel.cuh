@@ -1,0 +1,65 @@
+// The forward kernel shell: roles, register reallocation, barrier setup (KERNELS.md §2 v2).
+//
+// Warpgroup 0 is the producer (one elected thread issues all TMA; the other producer warps exit after giving their
+// registers back); warpgroups 1.. are consumers of 64 rows each.
+#pragma once
+
+#include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/arch/reg_reconfig.h"
+
+#include "fa3/block_range.h"
+#include "fa3/epilogue_fwd.cuh"
+#include "fa3/fwd_traits.cuh"
+#include "fa3/mainloop_fwd.cuh"
+#include "fa3/tile_scheduler.cuh"
+
+namespace fa3 {
+
+template <class Traits>
+__global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_CONSTANT FwdArgs<Traits> const args) {
+  using namespace cute;
+  using Storage = typename Traits::SharedStorage;
+  using Mainloop = FwdMainloop<Traits>;
+  using Epilogue = FwdEpilogue<Traits>;
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  Storage& smem = *reinterpret_cast<Storage*>(smem_raw);
+
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  const int warp_in_group = cutlass::canonical_warp_idx_sync() % 4;
+
+  if (threadIdx.x == 0) {
+    cutlass::arch::ClusterTransactionBarrier::init(&smem.bar_q, 1);
+    smem.pipe_k.init(Traits::kNumMmaWarpGroups * 4);
+    smem.pipe_v.init(Traits::kNumMmaWarpGroups * 4);
+  }
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  const auto tile = SingleTileScheduler::get(args.num_m_blocks, args.heads);
+  const MaskWindow window{args.window_left, args.window_right};
+  const BlockRange range = fwd_block_range(tile.m_block, Traits::kBlockM, Traits::kBlockN, args.seqlen_q,
+                                           args.seqlen_k, window);
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<Traits::Tile::kProducerRegs>();
+    if (warp_in_group == 0 && cute::elect_one_sync()) {
+      if (range.n_min < range.n_max) {
+        Mainloop::prefetch_descriptors(args);
+        Mainloop::load(args, smem, tile.m_block, tile.head, tile.batch, range);
+      }
+    }
+  } else {
+    cutlass::arch::warpgroup_reg_alloc<Traits::Tile::kConsumerRegs>();
+    const int thread_idx = threadIdx.x - 128;
+    typename Traits::TiledMmaPV mma_pv;
+    Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename Traits::BM, typename Traits::DV>{});
+    clear(tOrO);
+    OnlineSoftmax<2> softmax(args.scale_log2);
+    Mainloop::mma(args, smem, thread_idx, tile.m_block, range, tOrO, softmax);
+    Epilogue::store(args, smem, thread_idx, tile.m_block, tile.head, tile.batch, tOrO, softmax);
+  }
+}
+
+}  // namespace fa3

@@ -1,0 +1,79 @@
+// Host side of the forward kernel: TMA descriptors, kernel arguments, one-time SMEM opt-in, launch.
+#pragma once
+
+#include <cmath>
+#include <mutex>
+
+#include "cute/tensor.hpp"
+
+#include "fa3/block_range.h"
+#include "fa3/fwd_kernel.cuh"
+#include "fa3/fwd_launch.h"
+#include "fa3/fwd_traits.cuh"
+
+namespace fa3 {
+
+namespace detail {
+constexpr int kMaxDevices = 64;
+}
+
+template <class Element, int kHeadDim, int kHeadDimV>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+  using namespace cute;
+  using Traits = FwdTraits<Element, kHeadDim, kHeadDimV>;
+  using Args = FwdArgs<Traits>;
+  if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || p.seqlen_q < 1 || p.seqlen_k < 1 || p.batch < 1 ||
+      p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 || p.device >= detail::kMaxDevices) {
+    return cudaErrorInvalidValue;
+  }
+
+  auto make_gmem = [](const void* ptr, int seqlen, int d, int heads, int batch, int64_t row, int64_t head,
+                      int64_t bat) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
+                       typename Traits::ShapeQKV{seqlen, d, heads, batch},
+                       typename Traits::StrideQKV{row, _1{}, head, bat});
+  };
+  auto mQ = make_gmem(p.q, p.seqlen_q, kHeadDim, p.heads, p.batch, p.q_row_stride, p.q_head_stride, p.q_batch_stride);
+  auto mK = make_gmem(p.k, p.seqlen_k, kHeadDim, p.kv_heads, p.batch, p.k_row_stride, p.k_head_stride,
+                      p.k_batch_stride);
+  auto mV = make_gmem(p.v, p.seqlen_k, kHeadDimV, p.kv_heads, p.batch, p.v_row_stride, p.v_head_stride,
+                      p.v_batch_stride);
+
+  const MaskWindow w = MaskWindow::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
+  constexpr float kLog2e = 1.4426950408889634f;
+  const bool has_softcap = p.softcap > 0.f;
+
+  Args args{
+      make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{}, Shape<typename Traits::BM, typename Traits::D>{},
+                    _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
+                    Shape<typename Traits::BN, typename Traits::D>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
+                    Shape<typename Traits::BN, typename Traits::DV>{}, _1{}),
+      mQ.shape(), mK.shape(), mV.shape(),
+      static_cast<Element*>(p.out), p.o_batch_stride, p.o_row_stride, p.o_head_stride,
+      p.lse, p.lse_batch_stride, p.lse_head_stride,
+      p.seqlen_q, p.seqlen_k, p.heads, p.batch, p.heads / p.kv_heads,
+      (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM,
+      w.left, w.right,
+      has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e,
+      has_softcap ? p.softmax_scale / p.softcap : 0.f,
+      has_softcap};
+
+  auto kernel = fwd_kernel<Traits>;
+  constexpr int kSmem = Traits::kSmemBytes;
+  // The SMEM opt-in is per (function, device): once per device per instantiation.
+  static std::once_flag once[detail::kMaxDevices];
+  static cudaError_t once_err[detail::kMaxDevices];
+  std::call_once(once[p.device], [&] {
+    once_err[p.device] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  });
+  if (once_err[p.device] != cudaSuccess) return once_err[p.device];
+
+  const long long ctas = SingleTileScheduler::num_ctas(args.num_m_blocks, p.heads, p.batch);
+  if (ctas > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  kernel<<<dim3(unsigned(ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace fa3

@@ -1,0 +1,306 @@
+// Forward mainloop: TMA producer and WGMMA consumers for one (m-block, head, batch) tile (KERNELS.md §2 v2-v4).
+//
+// Producer (one elected thread): Q once, then K/V blocks in descending order, K one block ahead of V.
+// Consumers (kNumMmaWarpGroups x 64 rows): S = Q K_n^T (SS), softcap, mask on boundary blocks only, online
+// softmax, O = O * rescale + P V_n (RS), with the P V GEMM of block n+1 overlapping the softmax of block n.
+#pragma once
+
+#include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
+
+#include "fa3/block_range.h"
+#include "fa3/fragment.cuh"
+#include "fa3/fwd_traits.cuh"
+#include "fa3/mask.cuh"
+#include "fa3/pipeline.cuh"
+#include "fa3/softmax.cuh"
+
+namespace fa3 {
+
+// Issue a WGMMA over all k-slices of tA/tB into tC. kZeroInit: the first slice overwrites tC (scale-out zero).
+// kRegA: A is a register fragment (RS) and must be fenced like the accumulator.
+template <bool kZeroInit, bool kRegA, class TiledMma, class TA, class TB, class TC>
+CUTE_DEVICE void wgmma_gemm(TiledMma& mma, TA& tA, TB const& tB, TC& tC) {
+  using namespace cute;
+  if constexpr (kRegA) warpgroup_fence_operand(tA);
+  warpgroup_fence_operand(tC);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tA); ++k) {
+    cute::gemm(mma, tA(_, _, k), tB(_, _, k), tC);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(tC);
+  if constexpr (kRegA) warpgroup_fence_operand(tA);
+}
+
+template <class Traits>
+struct FwdMainloop {
+  using Element = typename Traits::Element;
+  using Args = FwdArgs<Traits>;
+  using Storage = typename Traits::SharedStorage;
+  static constexpr int kBlockM = Traits::kBlockM;
+  static constexpr int kBlockN = Traits::kBlockN;
+  static constexpr int kStages = Traits::kStages;
+
+  CUTE_DEVICE static void prefetch_descriptors(Args const& args) {
+    cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
+    cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
+  }
+
+  // Run by one thread.
+  CUTE_DEVICE static void load(Args const& args, Storage& smem, int m_block, int head, int batch,
+                               BlockRange const& range) {
+    using namespace cute;
+    const int kv_head = head / args.head_group;
+    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutV{});
+    Tensor mQ = args.tma_q.get_tma_tensor(args.shape_q)(_, _, head, batch);
+    Tensor mK = args.tma_k.get_tma_tensor(args.shape_k)(_, _, kv_head, batch);
+    Tensor mV = args.tma_v.get_tma_tensor(args.shape_v)(_, _, kv_head, batch);
+    Tensor gQ = local_tile(mQ, Shape<typename Traits::BM, typename Traits::D>{}, make_coord(m_block, _0{}));
+    Tensor gK = local_tile(mK, Shape<typename Traits::BN, typename Traits::D>{}, make_coord(_, _0{}));
+    Tensor gV = local_tile(mV, Shape<typename Traits::BN, typename Traits::DV>{}, make_coord(_, _0{}));
+    auto part_q = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+    Tensor tQg = get<0>(part_q);  // (TMA)
+    Tensor tQs = get<1>(part_q);  // (TMA)
+    auto part_k = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+    Tensor tKg = get<0>(part_k);  // (TMA, blocks)
+    Tensor tKs = get<1>(part_k);  // (TMA, stages)
+    auto part_v = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+    Tensor tVg = get<0>(part_v);  // (TMA, blocks)
+    Tensor tVs = get<1>(part_v);  // (TMA, stages)
+
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.bar_q, Traits::kBytesQ);
+    copy(args.tma_q.with(smem.bar_q), tQg, tQs);
+    if constexpr (Traits::Tile::kIntraWGOverlap) {
+      // K runs one block ahead of V: the consumers' iteration n needs K_n and V_{n+1} (intra-warpgroup overlap).
+      PipeState<kStages> st_k, st_v;
+      auto load_k = [&](int n) {
+        smem.pipe_k.producer_acquire(st_k, Traits::kBytesK);
+        copy(args.tma_k.with(smem.pipe_k.full[st_k.index]), tKg(_, n), tKs(_, st_k.index));
+        st_k.advance();
+      };
+      auto load_v = [&](int n) {
+        smem.pipe_v.producer_acquire(st_v, Traits::kBytesV);
+        copy(args.tma_v.with(smem.pipe_v.full[st_v.index]), tVg(_, n), tVs(_, st_v.index));
+        st_v.advance();
+      };
+      load_k(range.n_max - 1);
+      for (int n = range.n_max - 2; n >= range.n_min; --n) {
+        load_k(n);
+        load_v(n + 1);
+      }
+      load_v(range.n_min);
+    } else {
+      PipeState<kStages> st;
+      for (int n = range.n_max - 1; n >= range.n_min; --n) {
+        smem.pipe_k.producer_acquire(st, Traits::kBytesK);
+        copy(args.tma_k.with(smem.pipe_k.full[st.index]), tKg(_, n), tKs(_, st.index));
+        smem.pipe_v.producer_acquire(st, Traits::kBytesV);
+        copy(args.tma_v.with(smem.pipe_v.full[st.index]), tVg(_, n), tVs(_, st.index));
+        st.advance();
+      }
+    }
+  }
+
+  // Consumer state of one thread: O accumulator and softmax statistics (2 rows per thread).
+  //
+  // Intra-warpgroup overlap (§2 v4): iteration n issues S = Q K_n^T and O += P_{n+1} V_{n+1} back to back, then
+  // runs the softmax of S_n while the P V GEMM is still in flight; O is rescaled once that GEMM has retired.
+  // Pingpong (§2 v3, kPingpong): each warpgroup waits for its turn before issuing an iteration's GEMMs and hands
+  // the turn to the other warpgroup right after issuing, so one warpgroup's softmax overlaps the other's GEMMs.
+  template <class FragO>
+  CUTE_DEVICE static void mma_overlap(Args const& args, Storage& smem, int thread_idx, int m_block,
+                                      BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax) {
+    using namespace cute;
+    constexpr bool kPingpong = Traits::Tile::kPingpong;
+    typename Traits::TiledMmaQK mma_qk;
+    typename Traits::TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_slice(thread_idx);
+    auto thr_pv = mma_pv.get_slice(thread_idx);
+    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
+    Tensor cS = make_identity_tensor(Shape<typename Traits::BM, typename Traits::BN>{});
+    Tensor tScS = thr_qk.partition_C(cS);
+    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+    Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+    using LayoutS = decltype(partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{}).layout());
+    // P (16-bit) as the register-A operand of P V; written after the softmax of each block.
+    Tensor tOrP = make_tensor<Element>(acc_as_a_operand(LayoutS{}));
+
+    const int off = args.seqlen_k - args.seqlen_q;
+    const int row0 = m_block * kBlockM;
+    const int wg = thread_idx / 128;
+    PipeState<kStages> st_k, st_v;
+
+    if (range.n_min >= range.n_max) return;
+
+    auto turn_wait = [&] {
+      if constexpr (kPingpong) named_barrier_sync(2 * 128, FwdBarrier::kPingpong0, wg);
+    };
+    auto turn_pass = [&] {
+      if constexpr (kPingpong) named_barrier_arrive(2 * 128, FwdBarrier::kPingpong0, 1 - wg);
+    };
+    // Warpgroup 0 issues first. Every warpgroup waits once per GEMM batch and passes the turn after it, except
+    // warpgroup 1 after its last batch: that keeps arrivals and waits balanced on both barriers.
+    if (wg == 1) turn_pass();
+
+    auto scores = [&](auto& tSrS, int n, auto masked) {
+      if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);
+      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+      if constexpr (decltype(masked)::value) {
+        apply_mask(s_rc, tScS_rc, row0, n * kBlockN, args.seqlen_k, off, args.window_left, args.window_right);
+      }
+    };
+    auto to_p = [&](auto& tSrS) {
+      Tensor rP = convert_fragment<Element>(tSrS);
+      CUTE_UNROLL
+      for (int i = 0; i < size(tOrP); ++i) tOrP(i) = rP(i);
+    };
+
+    cutlass::arch::ClusterBarrier::wait(&smem.bar_q, 0);
+    int n = range.n_max - 1;
+    {  // First block: S only (always masked: it holds the diagonal or the seqlen_k tail if any block does).
+      Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
+      smem.pipe_k.consumer_wait(st_k);
+      turn_wait();
+      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+      turn_pass();
+      warpgroup_wait<0>();
+      smem.pipe_k.consumer_release(st_k);
+      st_k.advance();
+      scores(tSrS, n, cute::true_type{});
+      float rescale[2];
+      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+      softmax.update(s_rc, rescale);  // O is still zero: no rescale
+      to_p(tSrS);
+    }
+
+    auto step = [&](int n, auto masked) {
+      Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
+      smem.pipe_k.consumer_wait(st_k);
+      turn_wait();
+      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+      smem.pipe_v.consumer_wait(st_v);
+      wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+      turn_pass();
+      warpgroup_wait<1>();  // S_n ready; P V still running
+      smem.pipe_k.consumer_release(st_k);
+      st_k.advance();
+      scores(tSrS, n, masked);
+      float rescale[2];
+      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+      softmax.update(s_rc, rescale);
+      warpgroup_wait<0>();  // P V done: O and P may be touched again
+      smem.pipe_v.consumer_release(st_v);
+      st_v.advance();
+      CUTE_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= rescale[r];
+      }
+      to_p(tSrS);
+    };
+
+    --n;
+    const int unmasked_hi = max(range.n_unmasked_max, range.n_min);
+    const int unmasked_lo = max(range.n_unmasked_min, range.n_min);
+    for (; n >= unmasked_hi; --n) step(n, cute::true_type{});
+    for (; n >= unmasked_lo; --n) step(n, cute::false_type{});
+    for (; n >= range.n_min; --n) step(n, cute::true_type{});
+
+    // Last block's P V.
+    smem.pipe_v.consumer_wait(st_v);
+    turn_wait();
+    wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+    if (wg == 0) turn_pass();
+    warpgroup_wait<0>();
+    smem.pipe_v.consumer_release(st_v);
+  }
+
+  // Serial consumer loop (§2 v2): each GEMM is waited on before the next step. Used where the overlapped loop
+  // does not fit in registers (kIntraWGOverlap == false).
+  template <class FragO>
+  CUTE_DEVICE static void mma_serial(Args const& args, Storage& smem, int thread_idx, int m_block, BlockRange const& range,
+                              FragO& tOrO, OnlineSoftmax<2>& softmax) {
+    using namespace cute;
+    typename Traits::TiledMmaQK mma_qk;
+    typename Traits::TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_slice(thread_idx);
+    auto thr_pv = mma_pv.get_slice(thread_idx);
+    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutQ{});
+    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
+    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
+    Tensor cS = make_identity_tensor(Shape<typename Traits::BM, typename Traits::BN>{});
+    Tensor tScS = thr_qk.partition_C(cS);
+    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
+    Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
+
+    const int off = args.seqlen_k - args.seqlen_q;
+    const int row0 = m_block * kBlockM;
+    PipeState<kStages> st;
+
+    // One KV block. kMasked: boundary block (diagonal, window edge or seqlen_k tail).
+    auto step = [&](int n, auto masked) {
+      constexpr bool kMasked = decltype(masked)::value;
+      Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
+      smem.pipe_k.consumer_wait(st);
+      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st.index), tSrS);
+      warpgroup_wait<0>();
+      smem.pipe_k.consumer_release(st);
+      if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);
+      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
+      if constexpr (kMasked) {
+        apply_mask(s_rc, tScS_rc, row0, n * kBlockN, args.seqlen_k, off, args.window_left, args.window_right);
+      }
+      float rescale[2];
+      softmax.update(s_rc, rescale);
+      CUTE_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= rescale[r];
+      }
+      Tensor rP = convert_fragment<Element>(tSrS);
+      Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+      smem.pipe_v.consumer_wait(st);
+      wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st.index), tOrO);
+      warpgroup_wait<0>();
+      smem.pipe_v.consumer_release(st);
+      st.advance();
+    };
+
+    if (range.n_min >= range.n_max) return;
+    cutlass::arch::ClusterBarrier::wait(&smem.bar_q, 0);
+    int n = range.n_max - 1;
+    const int unmasked_hi = max(range.n_unmasked_max, range.n_min);
+    const int unmasked_lo = max(range.n_unmasked_min, range.n_min);
+    for (; n >= unmasked_hi; --n) step(n, cute::true_type{});
+    for (; n >= unmasked_lo; --n) step(n, cute::false_type{});
+    for (; n >= range.n_min; --n) step(n, cute::true_type{});
+  }
+
+  // Consumer state of one thread: O accumulator and softmax statistics (2 rows per thread).
+  template <class FragO>
+  CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block, BlockRange const& range,
+                              FragO& tOrO, OnlineSoftmax<2>& softmax) {
+    if constexpr (Traits::Tile::kIntraWGOverlap) {
+      mma_overlap(args, smem, thread_idx, m_block, range, tOrO, softmax);
+    } else {
+      mma_serial(args, smem, thread_idx, m_block, range, tOrO, softmax);
+    }
+  }
+};
+
+}  // namespace fa3

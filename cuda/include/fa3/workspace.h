@@ -1,0 +1,18 @@
+// Workspace sizes of the fa3_jax kernels (host only).
+//
+// Kept free of CuTe/CUTLASS/CUDA includes: the nanobind module includes this header so that Python can size the
+// `workspace` FFI result at trace time. The forward definition lives in cuda/ffi/fwd.cu, the backward one in
+// cuda/ffi/bwd.cu.
+#pragma once
+
+#include <cstdint>
+
+namespace fa3 {
+
+int64_t fwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads, int64_t kv_heads,
+                            int64_t head_dim, int64_t head_dim_v);
+
+int64_t bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads, int64_t kv_heads,
+                            int64_t head_dim, int64_t head_dim_v, bool deterministic);
+
+}  // namespace fa3
