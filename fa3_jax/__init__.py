@@ -1,11 +1,14 @@
 """fa3_jax: FlashAttention-3-class attention for JAX on NVIDIA Hopper GPUs, with a pure-JAX reference path."""
 
 from fa3_jax.attention import RESIDUAL_NAMES
+from fa3_jax.context_parallel import context_parallel_attention
+from fa3_jax.context_parallel import zigzag_reorder
+from fa3_jax.context_parallel import zigzag_restore
 from fa3_jax.attention import flash_attn_func
 from fa3_jax.attention import flash_attn_qkvpacked_func
 from fa3_jax.attention import kernel_available
 from fa3_jax.jax_nn import dot_product_attention
 
-__all__ = ["RESIDUAL_NAMES", "dot_product_attention", "flash_attn_func", "flash_attn_qkvpacked_func",
-           "kernel_available"]
+__all__ = ["RESIDUAL_NAMES", "context_parallel_attention", "dot_product_attention", "flash_attn_func",
+           "flash_attn_qkvpacked_func", "kernel_available", "zigzag_reorder", "zigzag_restore"]
 __version__ = "0.1.0"

@@ -81,7 +81,7 @@ def _attributes(cfg: AttentionConfig, seqlen_q: int, seqlen_k: int) -> dict:
               window_left=np.int64(left), window_right=np.int64(right))
 
 
-def _fold_vmap(op, fold_into_heads=None):
+def fold_vmap(op, fold_into_heads=None):
   """Make `op(*arrays) -> tuple of arrays` vmappable by folding the vmapped axis into the leading batch axis.
 
   Operands that are not batched are broadcast first, unless `fold_into_heads(axis_size, in_batched, *args)` handles
@@ -103,7 +103,7 @@ def _fold_vmap(op, fold_into_heads=None):
   return folded
 
 
-def _fwd_fold_into_heads(folded, axis_size, in_batched, q, k, v):
+def fwd_fold_into_heads(folded, axis_size, in_batched, q, k, v):
   """vmap over q alone: stack the vmapped copies as extra query heads of each kv head's group."""
   if tuple(in_batched) != (True, False, False):
     return None
@@ -138,7 +138,7 @@ def fwd_kernel(q, k, v, cfg: AttentionConfig):
           _pad_last(q, d), _pad_last(k, d), _pad_last(v, dv), **_attributes(cfg, sq, sk))
     return out[..., :head_dim_v], lse
 
-  return tuple(_fold_vmap(call, _fwd_fold_into_heads)(q, k, v))
+  return tuple(fold_vmap(call, fwd_fold_into_heads)(q, k, v))
 
 
 def bwd_kernel(dout, q, k, v, out, lse, cfg: AttentionConfig):
@@ -159,7 +159,7 @@ def bwd_kernel(dout, q, k, v, out, lse, cfg: AttentionConfig):
           deterministic=bool(cfg.deterministic), **_attributes(cfg, sq, sk))
     return dq[..., :head_dim], dk[..., :head_dim], dv_[..., :head_dim_v]
 
-  return tuple(_fold_vmap(call)(dout, q, k, v, out, lse))
+  return tuple(fold_vmap(call)(dout, q, k, v, out, lse))
 
 
 # ---- the two directions, dispatched --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from jax.custom_derivatives import SymbolicZero
 from fa3_jax import _ops
 from fa3_jax import _validate
 from fa3_jax import _vma
-from fa3_jax import reference
+from fa3_jax import sharding
 from fa3_jax._config import AttentionConfig
 
 # Names of the saved residuals, for remat policies, e.g.
@@ -22,12 +22,12 @@ RESIDUAL_NAMES = ("fa3_q", "fa3_k", "fa3_v", "fa3_out", "fa3_lse")
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg: AttentionConfig, q, k, v):
-  return _ops.attention_fwd(q, k, v, cfg)
+  return sharding.attention_fwd(q, k, v, cfg)
 
 
 def _attention_fwd(cfg, q, k, v):
   q, k, v = q.value, k.value, v.value  # symbolic_zeros=True wraps primals
-  out, lse = _ops.attention_fwd(q, k, v, cfg)
+  out, lse = sharding.attention_fwd(q, k, v, cfg)
   residuals = tuple(checkpoint_name(x, name) for x, name in zip((q, k, v, out, lse), RESIDUAL_NAMES))
   return (out, lse), residuals
 
@@ -36,11 +36,9 @@ def _attention_bwd(cfg, residuals, cotangents):
   q, k, v, out, lse = residuals
   dout, dlse = cotangents
   dout = jnp.zeros_like(out) if isinstance(dout, SymbolicZero) else dout.astype(out.dtype)
-  if isinstance(dlse, SymbolicZero):
-    return _ops.attention_bwd(dout, q, k, v, out, lse, cfg)
   # A cotangent on lse (lse returned and used) shifts D = rowsum(dout * out); the kernels take no such input
-  # yet, so this rare case runs the reference backward on every platform.
-  return reference.attention_backward(q, k, v, out, lse, dout, cfg, dlse=dlse)
+  # yet, so that rare case runs the reference backward (per shard) on every platform.
+  return sharding.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=None if isinstance(dlse, SymbolicZero) else dlse)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
