@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build + GPU tests + benchmark on a Hopper machine, in one go (the device tool lends one for a few minutes).
+# (cuda/tests/run_fwd_check.sh and bwd_check.cu are the kernels' standalone checkers, without JAX.)
 #
 #   scripts/gpu_run.sh [build] [check] [sanitize] [test] [bench] [bench-quick]     (default: build check test bench)
 #
-# Environment: OUT (results folder, default ./gpu_out), FA3_JAX_HEAD_DIMS / FA3_JAX_DTYPES (kernel subset, default
-# all), WHEELS (folder with nvidia_cutlass-4.2.0.0 and optional peers such as flash_attn3_jax, default ./.whl),
+# Environment: OUT (results folder, default ./gpu_out), FA3_JAX_HEAD_DIMS / FA3_JAX_DTYPES / FA3_JAX_DIRECTIONS
+# (kernel subset, default all), WHEELS (folder with nvidia_cutlass-4.2.0.0 and optional peers such as flash_attn3_jax, default ./.whl),
 # BENCH_HEAD_DIMS (default "64 128 256"), PYTEST_ARGS (extra pytest arguments).
 # Wheels are installed into /tmp/site (no network needed); the extension is built in place
 # (fa3_jax/_fa3_jax_cuda*.so) so that a later call can carry it instead of rebuilding.
@@ -32,33 +33,30 @@ for stage in "${stages[@]}"; do
     cutlass=$(python3 -c "import cutlass_library, pathlib; print(pathlib.Path(cutlass_library.__file__).parent / 'source' / 'include')")
     cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFA3_JAX_CUDA=ON \
       -DFA3_JAX_HEAD_DIMS="${FA3_JAX_HEAD_DIMS:-64;96;128;192;256;192x128}" \
-      -DFA3_JAX_DTYPES="${FA3_JAX_DTYPES:-bf16;fp16}" -DFA3_JAX_CUTLASS_INCLUDE_DIR="$cutlass" \
+      -DFA3_JAX_DTYPES="${FA3_JAX_DTYPES:-bf16;fp16}" -DFA3_JAX_DIRECTIONS="${FA3_JAX_DIRECTIONS:-fwd;bwd}" \
+      -DFA3_JAX_CUTLASS_INCLUDE_DIR="$cutlass" \
       -DPython_EXECUTABLE="$(command -v python3)" > "$OUT/build.log" 2>&1 \
       && ninja -C build/gpu -j 16 >> "$OUT/build.log" 2>&1 \
-      && cp build/gpu/_fa3_jax_cuda*.so fa3_jax/ || { echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
+      && cp build/gpu/_fa3_jax_cuda*.so fa3_jax/ && cp build/gpu/_fa3_jax_cuda*.so "$OUT/" \
+      || { echo "BUILD FAILED"; grep -B2 -A8 "error" "$OUT/build.log" | head -80; exit 1; }
     echo "build: $(( $(date +%s) - start )) s"
     grep -E "ptxas (info|warning)|Potential Performance Loss|spill" "$OUT/build.log" | sort | uniq -c | sort -rn \
       | head -40 > "$OUT/ptxas_summary.txt"
     grep -iE "warning.*(C75|serializ|spill)|bytes spill" "$OUT/build.log" | head -20
     ;;
   check)
-    python3 -m fa3_jax 2>&1 | tee "$OUT/selfcheck.txt" || status=1
+    python3 -m fa3_jax ${MAIN_ARGS:-} 2>&1 | tee "$OUT/selfcheck.txt" || status=1
     ;;
   sanitize)
-    for tool in memcheck racecheck; do
-      FA3_JAX_SMALL_CHECK=1 compute-sanitizer --tool $tool --error-exitcode 1 \
-        python3 -c "import jax.numpy as jnp; from fa3_jax import testing; \
-print(testing.check_kernel(jnp.bfloat16, 128, 128, 113, 203, batch=1, heads=2, kv_heads=1, causal=True))" \
-        > "$OUT/sanitizer_$tool.txt" 2>&1 && echo "$tool: clean" || { echo "$tool: ERRORS"; status=1; }
-      tail -5 "$OUT/sanitizer_$tool.txt"
-    done
+    # compute-sanitizer memcheck + racecheck on small shapes, through the standalone forward checker.
+    OUT="$OUT/sanitize" FWD_ONLY=bf16_128x128 STEPS="build sanitize" JOBS=16 cuda/tests/run_fwd_check.sh || status=1
     ;;
   test)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -q -n 6 tests/gpu ${PYTEST_ARGS:-} \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n 6 tests/gpu ${PYTEST_ARGS:-} \
       --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || status=1
     ;;
   bench)
-    python3 benchmarks/bench_attention.py --head-dims ${BENCH_HEAD_DIMS:-64 128 256} --out "$OUT/bench" \
+    python3 benchmarks/bench_attention.py --head-dims ${BENCH_HEAD_DIMS:-64 128 256} --out "$OUT/bench" ${BENCH_ARGS:-} \
       > "$OUT/bench.log" 2>&1 || status=1
     tail -5 "$OUT/bench.log"
     ;;

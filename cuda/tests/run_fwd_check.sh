@@ -66,7 +66,7 @@ sanitize)
 sass)
   for kname in $KS; do
     cuobjdump -sass "$B/k/fwd_$kname.o" > "$B/sass_$kname.txt" 2>/dev/null
-    echo "$kname: $(grep -c HGMMA "$B/sass_$kname.txt") HGMMA [$(grep -o 'HGMMA\.[0-9x]*' "$B/sass_$kname.txt" | sort | uniq -c | tr '\n' ' ')] LDL/STL: $(grep -c 'LDL\|STL' "$B/sass_$kname.txt") MUFU.EX2: $(grep -c MUFU.EX2 "$B/sass_$kname.txt") SETMAXNREG: $(grep -c SETMAXNREG "$B/sass_$kname.txt") WARPGROUP.DEPBAR: $(grep -c WARPGROUP.DEPBAR "$B/sass_$kname.txt")"
+    echo "$kname: $(grep -c HGMMA "$B/sass_$kname.txt") HGMMA [$(grep -o 'HGMMA\.[0-9x]*' "$B/sass_$kname.txt" | sort | uniq -c | tr '\n' ' ')] LDL/STL: $(grep -c 'LDL\|STL' "$B/sass_$kname.txt") MUFU.EX2: $(grep -c MUFU.EX2 "$B/sass_$kname.txt") USETMAXREG: $(grep -c USETMAXREG "$B/sass_$kname.txt") WARPGROUP.DEPBAR: $(grep -c WARPGROUP.DEPBAR "$B/sass_$kname.txt")"
   done > "$OUT/sass.txt"; cat "$OUT/sass.txt"
   k1=$(echo $KS | awk '{print $1}'); cp "$B/sass_bf16_128x128.txt" "$OUT/sass_bf16_128x128.txt" 2>/dev/null || cp "$B/sass_$k1.txt" "$OUT/" ;;
 esac; done
