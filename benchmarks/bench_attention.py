@@ -44,6 +44,8 @@ def markdown(results, impls) -> str:
       if not rows:
         continue
       for direction in ("fwd", "bwd"):
+        if all(getattr(r, f"{direction}_tflops") is None for r in rows):
+          continue
         lines.append(f"\n**head dim {head_dim}, {'causal' if causal else 'non-causal'}, {direction}** (TFLOP/s)\n")
         lines.append("| implementation | " + " | ".join(f"{s // 1024}k" if s >= 1024 else str(s) for s in seqlens)
                      + " |")
@@ -63,10 +65,11 @@ def plot(results, impls, out_dir: pathlib.Path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  directions = [d for d in ("fwd", "bwd") if any(getattr(r, f"{d}_tflops") is not None for r in results)]
   for head_dim in sorted({r.head_dim for r in results}):
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    fig, axes = plt.subplots(len(directions), 2, figsize=(11, 4 * len(directions)), sharex=True, squeeze=False)
     for col, causal in enumerate((False, True)):
-      for row, direction in enumerate(("fwd", "bwd")):
+      for row, direction in enumerate(directions):
         ax = axes[row][col]
         for impl in impls:
           pts = sorted((r.seqlen, getattr(r, f"{direction}_tflops")) for r in results
