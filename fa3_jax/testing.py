@@ -39,7 +39,10 @@ def same_precision_attention(q, k, v, cfg: AttentionConfig):
 def fa3_tolerance(ref, pt, dtype, rtol: float, extra_atol: float = 0.0) -> float:
   """rtol * max|pt - ref| + atol with atol = 2 * the dtype's rounding noise near 0.3 (+ extra_atol)."""
   ref = np.asarray(ref, np.float32)
-  noise = np.asarray((jnp.asarray(ref, dtype) + 0.3 - 0.3).astype(jnp.float32)) - ref
+  # Each step computed in float32 and rounded to dtype, as PyTorch does (JAX would first round 0.3 itself to dtype,
+  # which makes the noise vanish wherever ref is exactly 0).
+  rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  noise = rounded(rounded(rounded(ref) + np.float32(0.3)) - np.float32(0.3)) - rounded(ref)
   atol = 2.0 * float(np.max(np.abs(noise), initial=0.0)) + extra_atol
   return rtol * float(np.max(np.abs(np.asarray(pt, np.float32) - ref), initial=0.0)) + atol
 
