@@ -13,16 +13,17 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <mutex>
 #include <string>
 
 #include "cutlass/numeric_types.h"
 #include "fa3/bwd_launch.h"
 #include "fa3/workspace.h"
 #include "fa3_kernel_list.h"
+#include "handler_checks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using fa3::handler::dims_str;
 
 namespace fa3 {
 
@@ -34,30 +35,6 @@ int64_t bwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t /*seqlen_k*
 }  // namespace fa3
 
 namespace {
-
-constexpr int kMaxDevices = 64;
-
-struct DeviceInfo {
-  cudaError_t err = cudaSuccess;
-  int major = 0, minor = 0;
-};
-
-const DeviceInfo& device_info(int device) {
-  static std::once_flag once[kMaxDevices];
-  static DeviceInfo info[kMaxDevices];
-  std::call_once(once[device], [device] {
-    DeviceInfo& d = info[device];
-    d.err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
-    if (d.err == cudaSuccess) d.err = cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device);
-  });
-  return info[device];
-}
-
-std::string dims_str(ffi::Span<const int64_t> d) {
-  std::string s = "(";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + ")";
-}
 
 using LaunchFn = cudaError_t (*)(const fa3::BwdParams&, cudaStream_t);
 
@@ -79,16 +56,8 @@ ffi::Error Fa3Bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dout, ffi:
                   ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv_buf,
                   ffi::ResultBuffer<ffi::U8, 1> workspace, float softmax_scale, float softcap, int64_t window_left,
                   int64_t window_right, bool deterministic) {
-  if (device < 0 || device >= kMaxDevices) return ffi::Error::InvalidArgument("fa3_jax_bwd: bad device ordinal");
-  const DeviceInfo& dev = device_info(device);
-  if (dev.err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("fa3_jax_bwd: cudaDeviceGetAttribute failed: ") +
-                                cudaGetErrorString(dev.err));
-  }
-  if (dev.major != 9 || dev.minor != 0) {
-    return ffi::Error::InvalidArgument("fa3_jax_bwd: needs a compute capability 9.0 GPU (H100/H200), got " +
-                                       std::to_string(dev.major) + "." + std::to_string(dev.minor));
-  }
+  if (ffi::Error e = fa3::handler::check_hopper_device("fa3_jax_bwd", device); e.failure()) return e;
+
   const auto dt = q.element_type();
   if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) {
     return ffi::Error::InvalidArgument("fa3_jax_bwd: q must be bfloat16 or float16");
@@ -106,29 +75,20 @@ ffi::Error Fa3Bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dout, ffi:
   }
   const int64_t b = qd[0], sq = qd[1], h = qd[2], d = qd[3];
   const int64_t sk = kd[1], hk = kd[2], dv = vd[3];
-  auto same = [](ffi::Span<const int64_t> x, std::initializer_list<int64_t> y) {
-    size_t i = 0;
-    for (int64_t e : y) {
-      if (x[i++] != e) return false;
-    }
-    return true;
-  };
-  if (!same(kd, {b, sk, hk, d}) || !same(vd, {b, sk, hk, dv}) || !same(od, {b, sq, h, dv}) ||
-      !same(dod, {b, sq, h, dv}) || !same(ld, {b, h, sq}) || !same(dqd, {b, sq, h, d}) ||
-      !same(dkd, {b, sk, hk, d}) || !same(dvd, {b, sk, hk, dv})) {
+  using fa3::handler::dims_equal;
+  if (!dims_equal(kd, {b, sk, hk, d}) || !dims_equal(vd, {b, sk, hk, dv}) || !dims_equal(od, {b, sq, h, dv}) ||
+      !dims_equal(dod, {b, sq, h, dv}) || !dims_equal(ld, {b, h, sq}) || !dims_equal(dqd, {b, sq, h, d}) ||
+      !dims_equal(dkd, {b, sk, hk, d}) || !dims_equal(dvd, {b, sk, hk, dv})) {
     return ffi::Error::InvalidArgument("fa3_jax_bwd: inconsistent shapes dout" + dims_str(dod) + " q" +
                                        dims_str(qd) + " k" + dims_str(kd) + " v" + dims_str(vd) + " out" +
                                        dims_str(od) + " lse" + dims_str(ld) + " dq" + dims_str(dqd) + " dk" +
                                        dims_str(dkd) + " dv" + dims_str(dvd));
   }
-  if (b < 1 || sq < 1 || sk < 1 || h < 1 || hk < 1 || h % hk != 0) {
-    return ffi::Error::InvalidArgument("fa3_jax_bwd: need batch, seqlens, heads >= 1 and heads % kv_heads == 0");
+  if (ffi::Error e = fa3::handler::check_problem("fa3_jax_bwd", b, sq, sk, h, hk, softmax_scale, softcap); e.failure()) {
+    return e;
   }
   if (sq > (1 << 30) || sk > (1 << 30) || b > 65535 || h > 65535) {
     return ffi::Error::InvalidArgument("fa3_jax_bwd: shape too large");
-  }
-  if (!(softmax_scale > 0.f) || !(softcap >= 0.f)) {
-    return ffi::Error::InvalidArgument("fa3_jax_bwd: need softmax_scale > 0 and softcap >= 0");
   }
   const LaunchFn fn = select_kernel(dt == ffi::DataType::BF16, d, dv);
   if (fn == nullptr) {

@@ -14,16 +14,17 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
-#include <mutex>
 #include <string>
 
 #include "fa3/fwd_launch.h"
 #include "fa3/params.h"
 #include "fa3/workspace.h"
 #include "fa3_kernel_list.h"
+#include "handler_checks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using fa3::handler::dims_str;
 
 namespace fa3 {
 
@@ -32,32 +33,6 @@ int64_t fwd_workspace_bytes(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t
 }  // namespace fa3
 
 namespace {
-
-constexpr int kMaxDevices = 64;
-
-struct DeviceInfo {
-  cudaError_t err = cudaSuccess;
-  int major = 0, minor = 0, num_sms = 0;
-};
-
-// Device attributes, read once per device (never per call: cudaGetDeviceProperties is slow).
-const DeviceInfo& device_info(int device) {
-  static std::once_flag once[kMaxDevices];
-  static DeviceInfo info[kMaxDevices];
-  std::call_once(once[device], [device] {
-    DeviceInfo& d = info[device];
-    d.err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
-    if (d.err == cudaSuccess) d.err = cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device);
-    if (d.err == cudaSuccess) d.err = cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, device);
-  });
-  return info[device];
-}
-
-std::string dims_str(ffi::Span<const int64_t> d) {
-  std::string s = "(";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
-  return s + ")";
-}
 
 using LaunchFn = cudaError_t (*)(const fa3::FwdParams&, cudaStream_t);
 
@@ -75,16 +50,7 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
                   ffi::Result<ffi::AnyBuffer> out, ffi::ResultBuffer<ffi::F32, 3> lse,
                   ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap, int64_t window_left,
                   int64_t window_right) {
-  if (device < 0 || device >= kMaxDevices) return ffi::Error::InvalidArgument("fa3_jax_fwd: bad device ordinal");
-  const DeviceInfo& dev = device_info(device);
-  if (dev.err != cudaSuccess) {
-    return ffi::Error::Internal(std::string("fa3_jax_fwd: cudaDeviceGetAttribute failed: ") +
-                                cudaGetErrorString(dev.err));
-  }
-  if (dev.major != 9 || dev.minor != 0) {
-    return ffi::Error::InvalidArgument("fa3_jax_fwd: needs a compute capability 9.0 GPU (H100/H200), got " +
-                                       std::to_string(dev.major) + "." + std::to_string(dev.minor));
-  }
+  if (ffi::Error e = fa3::handler::check_hopper_device("fa3_jax_fwd", device); e.failure()) return e;
 
   const auto dt = q.element_type();
   if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) {
@@ -105,14 +71,11 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
     return ffi::Error::InvalidArgument("fa3_jax_fwd: inconsistent shapes q" + dims_str(qd) + " k" + dims_str(kd) +
                                        " v" + dims_str(vd) + " out" + dims_str(od) + " lse" + dims_str(ld));
   }
-  if (b < 1 || sq < 1 || sk < 1 || h < 1 || hk < 1 || h % hk != 0) {
-    return ffi::Error::InvalidArgument("fa3_jax_fwd: need batch, seqlens, heads >= 1 and heads % kv_heads == 0");
+  if (ffi::Error e = fa3::handler::check_problem("fa3_jax_fwd", b, sq, sk, h, hk, softmax_scale, softcap); e.failure()) {
+    return e;
   }
   if (sq > INT32_MAX || sk > INT32_MAX || b * h > INT32_MAX) {
     return ffi::Error::InvalidArgument("fa3_jax_fwd: shape too large");
-  }
-  if (!(softmax_scale > 0.f) || !(softcap >= 0.f)) {
-    return ffi::Error::InvalidArgument("fa3_jax_fwd: need softmax_scale > 0 and softcap >= 0");
   }
   const LaunchFn fn = select_kernel(dt == ffi::DataType::BF16, d, dv);
   if (fn == nullptr) {

@@ -1,0 +1,78 @@
+// Checks shared by the FFI handlers: the device (cached per ordinal) and the problem sizes, with messages that name
+// the target. Host-only; included by cuda/ffi/*.cu.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <mutex>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace fa3::handler {
+
+namespace ffi = xla::ffi;
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  cudaError_t err = cudaSuccess;
+  int major = 0, minor = 0;
+};
+
+// Read once per device, never per call (device queries are slow); inline, so one cache serves every handler.
+inline const DeviceInfo& device_info(int device) {
+  static std::once_flag once[kMaxDevices];
+  static DeviceInfo info[kMaxDevices];
+  std::call_once(once[device], [device] {
+    DeviceInfo& d = info[device];
+    d.err = cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device);
+    if (d.err == cudaSuccess) d.err = cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, device);
+  });
+  return info[device];
+}
+
+// Success iff `device` is a compute capability 9.0 GPU: the kernels are built for sm_90a only.
+inline ffi::Error check_hopper_device(const std::string& target, int32_t device) {
+  if (device < 0 || device >= kMaxDevices) return ffi::Error::InvalidArgument(target + ": bad device ordinal");
+  const DeviceInfo& dev = device_info(device);
+  if (dev.err != cudaSuccess) {
+    return ffi::Error::Internal(target + ": cudaDeviceGetAttribute failed: " + cudaGetErrorString(dev.err));
+  }
+  if (dev.major != 9 || dev.minor != 0) {
+    return ffi::Error::InvalidArgument(target + ": needs a compute capability 9.0 GPU (H100/H200), got " +
+                                       std::to_string(dev.major) + "." + std::to_string(dev.minor));
+  }
+  return ffi::Error::Success();
+}
+
+// Success iff the sizes and scalars are ones Python is supposed to guarantee (re-checked cheaply here).
+inline ffi::Error check_problem(const std::string& target, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                                int64_t heads, int64_t kv_heads, float softmax_scale, float softcap) {
+  if (batch < 1 || seqlen_q < 1 || seqlen_k < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads != 0) {
+    return ffi::Error::InvalidArgument(target + ": need batch, seqlens, heads >= 1 and heads % kv_heads == 0");
+  }
+  if (!(softmax_scale > 0.f) || !(softcap >= 0.f)) {
+    return ffi::Error::InvalidArgument(target + ": need softmax_scale > 0 and softcap >= 0");
+  }
+  return ffi::Error::Success();
+}
+
+inline std::string dims_str(ffi::Span<const int64_t> d) {
+  std::string s = "(";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + ")";
+}
+
+inline bool dims_equal(ffi::Span<const int64_t> x, std::initializer_list<int64_t> y) {
+  if (x.size() != y.size()) return false;
+  size_t i = 0;
+  for (int64_t e : y) {
+    if (x[i++] != e) return false;
+  }
+  return true;
+}
+
+}  // namespace fa3::handler
