@@ -69,7 +69,8 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     window_size: (left, right) sliding window, inclusive, bottom-right aligned, -1 = unbounded on that side: query i
       sees key j iff i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right.
     softcap: if > 0, scores become softcap * tanh(scores / softcap) (after scaling, before masking).
-    deterministic: request a bitwise-reproducible backward (the reference path always is).
+    deterministic: request a bitwise-reproducible backward (the reference path always is). On the CUDA kernels it
+      orders the dQ accumulation and costs roughly 25% (non-causal) to 55% (causal) of backward throughput.
     return_lse: also return lse.
 
   Returns:
