@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from fa3_jax._config import AttentionConfig
+
 MAX_HEAD_DIM = 256
 # The one (head_dim, head_dim_v) pair with head_dim_v != head_dim (DeepSeek-style MLA prefill shapes).
 ASYMMETRIC_HEAD_DIMS = ((192, 128),)
@@ -114,3 +116,11 @@ def check_bool(name: str, value) -> bool:
   if not isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
   return bool(value)
+
+
+def attention_config(head_dim: int, softmax_scale, causal, window_size, softcap, deterministic) -> AttentionConfig:
+  """The checked AttentionConfig for FlashAttention-style arguments (window -1 = unbounded, causal = right 0)."""
+  left, right = check_window(window_size, causal)
+  return AttentionConfig(softmax_scale=check_softmax_scale(softmax_scale, head_dim),
+                         window_left=None if left < 0 else left, window_right=None if right < 0 else right,
+                         softcap=check_softcap(softcap), deterministic=check_bool("deterministic", deterministic))

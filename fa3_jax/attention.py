@@ -79,10 +79,7 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     with no visible key gives out = 0 and lse = -inf.
   """
   _validate.check_qkv(q, k, v)
-  left, right = _validate.check_window(window_size, causal)
-  cfg = AttentionConfig(softmax_scale=_validate.check_softmax_scale(softmax_scale, q.shape[-1]),
-                        window_left=None if left < 0 else left, window_right=None if right < 0 else right, softcap=_validate.check_softcap(softcap),
-                        deterministic=_validate.check_bool("deterministic", deterministic))
+  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
   return_lse = _validate.check_bool("return_lse", return_lse)
   if 0 in q.shape[:3] or k.shape[1] == 0:
     return _empty_result(q, v, return_lse)

@@ -404,15 +404,11 @@ def context_parallel_attention(q, k, v, axis_name, *, softmax_scale=None, causal
     (batch, heads, seqlen_q / n) float32. Differentiable in q, k, v (dK/dV travel back around the ring).
   """
   _validate.check_qkv(q, k, v)
-  left, right = _validate.check_window(window_size, causal)
+  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
   if layout not in LAYOUTS:
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-  cfg = AttentionConfig(softmax_scale=_validate.check_softmax_scale(softmax_scale, q.shape[-1]),
-                        window_left=None if left < 0 else left, window_right=None if right < 0 else right,
-                        softcap=_validate.check_softcap(softcap),
-                        deterministic=_validate.check_bool("deterministic", deterministic))
   return_lse = _validate.check_bool("return_lse", return_lse)
   axes = _axis_tuple(axis_name)
   plan = _Plan(cfg, axes[0] if len(axes) == 1 else axes, layout, strategy)

@@ -71,7 +71,7 @@ def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k:
                  seed: int = 0) -> list[tuple[bool, str]]:
   """Runs flash_attn_func (the kernel, on a GPU build) and the float32 reference on fresh random inputs and checks
   out, lse and (with backward) dq, dk, dv with the FA3 rule. Returns [(passed, message)]."""
-  from fa3_jax import attention, reference  # late import: fa3_jax imports this module's siblings
+  from fa3_jax import _validate, attention, reference  # late import: fa3_jax imports this module's siblings
 
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   q = jax.random.normal(keys[0], (batch, seqlen_q, heads, head_dim), jnp.float32)
@@ -82,9 +82,7 @@ def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k:
   v = jax.random.normal(keys[2], (batch, seqlen_k, kv_heads, head_dim_v), jnp.float32).astype(dtype)
   dout = jax.random.normal(keys[3], (batch, seqlen_q, heads, head_dim_v), jnp.float32).astype(dtype)
   kwargs = dict(causal=causal, window_size=window_size, softcap=softcap, deterministic=deterministic)
-  left, right = window_size
-  cfg = AttentionConfig(softmax_scale=head_dim ** -0.5, window_left=None if left < 0 else left,
-                        window_right=0 if causal else (None if right < 0 else right), softcap=softcap)
+  cfg = _validate.attention_config(head_dim, None, causal, window_size, softcap, deterministic)
 
   as_f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
   ours = jax.jit(lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs))
