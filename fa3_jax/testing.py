@@ -87,13 +87,16 @@ def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k:
   as_f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
   ours = jax.jit(lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs))
   # The oracle: the blockwise reference on float32 copies of the same inputs, with its own blockwise backward
-  # (memory linear in seqlen, cheap to compile).
+  # (memory linear in seqlen, cheap to compile), at full float32 matmul precision (JAX's default on GPUs is
+  # TF32, whose 10-bit mantissa is no better than the fp16 kernel under test).
+  highest = jax.default_matmul_precision("highest")
   ref_fwd = jax.jit(lambda q, k, v: reference.attention_forward(*as_f32(q, k, v), cfg))
   pt = jax.jit(lambda q, k, v: same_precision_attention(q, k, v, cfg))
   jax.block_until_ready(ours.lower(q, k, v).compile())
   _poison_device_memory(4 * q.size * 4)
   out, lse = ours(q, k, v)
-  ref_out, ref_lse = ref_fwd(q, k, v)
+  with highest:
+    ref_out, ref_lse = ref_fwd(q, k, v)
   results = [fa3_check("out", out, ref_out, pt(q, k, v), softcap=softcap > 0)]
   lse, ref_lse_np = np.asarray(lse), np.asarray(ref_lse)
   same_inf = np.array_equal(np.isneginf(lse), np.isneginf(ref_lse_np))
@@ -105,8 +108,9 @@ def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k:
       return jax.jit(lambda q, k, v, dout: jax.vjp(fn, q, k, v)[1](dout))
 
     got = grads(lambda q, k, v: attention.flash_attn_func(q, k, v, **kwargs))(q, k, v, dout)
-    want = jax.jit(lambda q, k, v, out, lse, dout: reference.attention_backward(
-        *as_f32(q, k, v, out), lse, dout.astype(jnp.float32), cfg))(q, k, v, ref_out, ref_lse, dout)
+    with highest:
+      want = jax.jit(lambda q, k, v, out, lse, dout: reference.attention_backward(
+          *as_f32(q, k, v, out), lse, dout.astype(jnp.float32), cfg))(q, k, v, ref_out, ref_lse, dout)
     base = grads(lambda q, k, v: same_precision_attention(q, k, v, cfg))(q, k, v, dout)
     for name, g, w, b in zip(("dq", "dk", "dv"), got, want, base):
       results.append(fa3_check(name, g, w, b, softcap=softcap > 0, gradient=True))

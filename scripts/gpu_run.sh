@@ -2,11 +2,11 @@
 # Build + GPU tests + benchmark on a Hopper machine, in one go (the device tool lends one for a few minutes).
 # (cuda/tests/run_fwd_check.sh and run_bwd_check.sh build and run the kernels' standalone checkers, without JAX.)
 #
-#   scripts/gpu_run.sh [build] [check] [sanitize] [test] [bench] [bench-quick]     (default: build check test bench)
+#   scripts/gpu_run.sh [build] [check] [sanitize] [test] [example] [bench] [bench-quick]  (default: build check test bench)
 #
 # Environment: OUT (results folder, default ./gpu_out), FA3_JAX_HEAD_DIMS / FA3_JAX_DTYPES / FA3_JAX_DIRECTIONS
 # (kernel subset, default all), WHEELS (folder with nvidia_cutlass-4.2.0.0 and optional peers such as flash_attn3_jax, default ./.whl),
-# BENCH_HEAD_DIMS (default "64 128 256"), PYTEST_ARGS (extra pytest arguments).
+# BENCH_HEAD_DIMS (default "64 128 256"), PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (default 8).
 # Wheels are installed into /tmp/site (no network needed); the extension is built in place
 # (fa3_jax/_fa3_jax_cuda*.so) so that a later call can carry it instead of rebuilding.
 set -uo pipefail
@@ -52,8 +52,15 @@ for stage in "${stages[@]}"; do
     OUT="$OUT/sanitize" FWD_ONLY=bf16_128x128 STEPS="build sanitize" JOBS=16 cuda/tests/run_fwd_check.sh || status=1
     ;;
   test)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n 6 tests/gpu ${PYTEST_ARGS:-} \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} tests/gpu ${PYTEST_ARGS:-} \
       --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || status=1
+    ;;
+  example)
+    # The Flax training example with our kernels and with jax.nn.dot_product_attention: loss curves must agree.
+    { python3 examples/train_lm.py --compare \
+      && python3 examples/train_lm.py --compare --dim 512 --heads 4 --kv-heads 2 --seq 1024 --depth 4 --steps 200; } \
+      2>&1 | tr '\r' '\n' | sed -n '/^\[/!p; /step \([0-9]*\)\/\1 /p' > "$OUT/train_lm.txt" || status=1
+    cat "$OUT/train_lm.txt"
     ;;
   bench)
     python3 benchmarks/bench_attention.py --head-dims ${BENCH_HEAD_DIMS:-64 128 256} --out "$OUT/bench" ${BENCH_ARGS:-} \
