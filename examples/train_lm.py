@@ -2,7 +2,7 @@
 
   python examples/train_lm.py                      # fa3_jax attention (Hopper kernels on GPU, reference on CPU)
   python examples/train_lm.py --attention jax      # jax.nn.dot_product_attention instead
-  python examples/train_lm.py --compare            # both, same init and data; prints the loss curves' difference
+  python examples/train_lm.py --compare            # both, same init and data; checks the loss curves agree
 
 The corpus is generated (no downloads): sentences from a tiny grammar, tokenised by character.
 """
@@ -121,17 +121,35 @@ def main(argv=None):
   p.add_argument("--dtype", choices=["float32", "bfloat16"],
                  default="bfloat16" if jax.default_backend() == "gpu" else "float32")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--tolerance", type=float, default=0.05, help="max |loss difference| allowed by --compare")
+  p.add_argument("--tolerance", type=float, default=0.02,
+                 help="--compare: allowed mean |loss difference| beyond the bfloat16 noise floor")
   args = p.parse_args(argv)
   print(f"backend {jax.default_backend()}, dtype {args.dtype}")
   if not args.compare:
     train(args, args.attention)
     return 0
-  ours, theirs = train(args, "fa3"), train(args, "jax")
-  diff = np.abs(np.array(ours) - np.array(theirs))
-  print(f"loss fa3 {ours[0]:.4f} -> {ours[-1]:.4f}, jax.nn {theirs[0]:.4f} -> {theirs[-1]:.4f}; "
-        f"max |difference| {diff.max():.2e} (mean {diff.mean():.2e}, tolerance {args.tolerance})")
-  return 0 if diff.max() <= args.tolerance else 1
+  return 0 if compare(args) else 1
+
+
+def compare(args) -> bool:
+  """Trains with our attention and with jax.nn's from the same init on the same batches. In float32 the two loss
+  curves must agree to --tolerance. In bfloat16 two correct implementations drift apart through rounding alone, so
+  both are measured against a float32 run (jax.nn) instead: ours may be at most twice as far from it as jax.nn's
+  bfloat16 run, plus --tolerance (FlashAttention-3's tolerance rule, applied to loss curves)."""
+  curves = {"fa3": train(args, "fa3"), "jax": train(args, "jax")}
+  if args.dtype != "float32":
+    curves["jax float32"] = train(argparse.Namespace(**{**vars(args), "dtype": "float32"}), "jax")
+  curves = {name: np.array(c) for name, c in curves.items()}
+  for name, c in curves.items():
+    print(f"{name:>12}: loss {c[0]:.4f} -> {c[-1]:.4f} (mean of the last 10 steps {c[-10:].mean():.4f})")
+  gap = lambda a, b: float(np.abs(curves[a] - curves[b]).mean())
+  print(f"mean |fa3 - jax| over the curve: {gap('fa3', 'jax'):.2e}")
+  if args.dtype == "float32":
+    return gap("fa3", "jax") <= args.tolerance
+  ours, theirs = gap("fa3", "jax float32"), gap("jax", "jax float32")
+  allowed = 2 * theirs + args.tolerance
+  print(f"mean distance from the float32 curve: fa3 {ours:.2e}, jax.nn {theirs:.2e} (allowed for fa3 {allowed:.2e})")
+  return ours <= allowed
 
 
 if __name__ == "__main__":

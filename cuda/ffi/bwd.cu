@@ -8,8 +8,8 @@
 // Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned,
 //          resolved by Python), deterministic bool (bitwise-reproducible dq/dk/dv).
 //
-// Not marked kCmdBufferCompatible yet, for the forward's reasons (cuda/ffi/fwd.cu): the first call per
-// (instantiation, device) runs cudaFuncSetAttribute, and graph replay with moved buffers is untested.
+// Marked kCmdBufferCompatible for the forward's reasons (cuda/ffi/fwd.cu); the workspace is zeroed with
+// cudaMemsetAsync on the stream, which a graph captures as a memset node.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -154,4 +154,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_bwd, Fa3Bwd,
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("window_left")
                                   .Attr<int64_t>("window_right")
-                                  .Attr<bool>("deterministic"));
+                                  .Attr<bool>("deterministic"),
+                              {ffi::Traits::kCmdBufferCompatible});

@@ -7,10 +7,11 @@
 // Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned,
 //          already resolved by Python; see fa3/params.h).
 //
-// Not marked kCmdBufferCompatible yet (JAX_FFI.md §2.7, KERNELS.md §8.3 item 9): the launch itself is capture-safe
-// (no allocation, sync or host reads of device data; TMA descriptors are rebuilt per call and passed by value), but
-// the first call per (instantiation, device) runs cudaFuncSetAttribute, and XLA graph replay with moved buffers has
-// not been tested.
+// Marked kCmdBufferCompatible (JAX_FFI.md §2.7), so XLA may trace it into a CUDA graph: every call with the same
+// shapes and attributes launches the same work; no allocation, sync or host reads of device data; TMA descriptors
+// are rebuilt per call and passed by value (XLA re-traces when buffer addresses change). The one-time
+// cudaFuncSetAttribute is no stream operation, so capture does not record it. tests/gpu/test_command_buffer_gpu.py
+// checks that XLA puts the call into a command buffer and that replays with new inputs match graph-free runs.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -147,4 +148,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_fwd, Fa3Fwd,
                                   .Attr<float>("softmax_scale")
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right"));
+                                  .Attr<int64_t>("window_right"),
+                              {ffi::Traits::kCmdBufferCompatible});
