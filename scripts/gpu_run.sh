@@ -6,7 +6,8 @@
 #
 # Environment: OUT (results folder, default ./gpu_out), FA3_JAX_HEAD_DIMS / FA3_JAX_DTYPES / FA3_JAX_DIRECTIONS
 # (kernel subset, default all), WHEELS (folder with nvidia_cutlass-4.2.0.0 and optional peers such as flash_attn3_jax, default ./.whl),
-# BENCH_HEAD_DIMS (default "64 128 256"), PYTEST_ARGS (extra pytest arguments), PYTEST_WORKERS (default 8).
+# BENCH_HEAD_DIMS (default "64 128 256"), PYTEST_K (a pytest -k expression), PYTEST_ARGS (extra pytest arguments),
+# PYTEST_WORKERS (default 8).
 # Wheels are installed into /tmp/site (no network needed); the extension is built in place
 # (fa3_jax/_fa3_jax_cuda*.so) so that a later call can carry it instead of rebuilding.
 set -uo pipefail
@@ -52,7 +53,7 @@ for stage in "${stages[@]}"; do
     OUT="$OUT/sanitize" FWD_ONLY=bf16_128x128 STEPS="build sanitize" JOBS=16 cuda/tests/run_fwd_check.sh || status=1
     ;;
   test)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} tests/gpu ${PYTEST_ARGS:-} \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} \
       --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || status=1
     ;;
   example)
