@@ -1,6 +1,7 @@
 // Standalone check and benchmark of the backward kernels (no JAX).
 //
-//   bwd_check [--quick] [--no-big] [--bench] [--sanitize] [--det-reps N]
+//   bwd_check [--quick] [--no-big] [--bench | --bench-only | --bench-case D,S,CAUSAL,DET] [--sanitize] [--det-reps N]
+//             [--hd D[xDV]] [--bf16-only]
 //
 // Correctness (KERNELS.md §9.1): random normal inputs, CPU fp32 forward for out (rounded to the input dtype) and lse,
 // CPU fp32 reference backward (`ref`) and a same-precision variant (`pt`: P and dS rounded to the input dtype before
@@ -516,6 +517,7 @@ static void bench(bool bf16, int d, bool causal, bool det, const std::vector<int
 int main(int argc, char** argv) {
   bool quick = false, big = true, do_bench = false, sanitize = false, tests = true;
   int det_reps = 20, only_d = 0, only_dv = 0;
+  int one_d = 0, one_s = 0, one_causal = 0, one_det = 0;  // --bench-case: a single benchmark shape (for ncu)
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     else if (!std::strcmp(argv[i], "--no-big")) big = false;
@@ -529,6 +531,10 @@ int main(int argc, char** argv) {
       if (const char* x = std::strchr(a, 'x')) only_dv = std::atoi(x + 1);
     }
     else if (!std::strcmp(argv[i], "--bf16-only")) g_bf16_only = true;
+    else if (!std::strcmp(argv[i], "--bench-case") && i + 1 < argc) {  // D,S,CAUSAL,DET e.g. 128,8192,0,0
+      do_bench = true, tests = false;
+      if (std::sscanf(argv[++i], "%d,%d,%d,%d", &one_d, &one_s, &one_causal, &one_det) != 4) return 2;
+    }
   }
   setvbuf(stdout, nullptr, _IOLBF, 0);
   int dev = 0;
@@ -539,13 +545,16 @@ int main(int argc, char** argv) {
 
   int total = 0, failed = 0;
   if (sanitize) {
-    // Small shapes for compute-sanitizer: tails on both sides, GQA, masks.
+    // Small shapes for compute-sanitizer: tails on both sides, GQA, masks; both dQ paths (deterministic: ordered
+    // vector reductions; otherwise the bulk add from SMEM where the head dim has one).
     for (const Kernel& K : kKernels) {
       if (!K.bf16 || (only_d && K.d != only_d)) continue;
       for (auto [sq, sk] : {std::pair{113, 203}, std::pair{239, 1}}) {
-        Case c{true, K.d, K.dv, 1, sq, sk, 2, 1, sk, 0, 0.f, "causal", true};
-        ++total;
-        failed += !run_case(c, true);
+        for (bool det : {true, false}) {
+          Case c{true, K.d, K.dv, 1, sq, sk, 2, 1, sk, 0, 0.f, "causal", det};
+          ++total;
+          failed += !run_case(c, true);
+        }
       }
     }
     std::printf("SUMMARY sanitize cases: %d, failed: %d\n", total, failed);
@@ -568,7 +577,9 @@ int main(int argc, char** argv) {
             if (pass == 1 && (!big || !K.bf16 || hc.h != 2)) continue;
             if (quick && pass == 1) continue;
             for (auto [sq, sk] : pairs) {
-              Case c{K.bf16, K.d, K.dv, pass == 0 ? 2 : 1, sq, sk, hc.h, hc.hk, sk, sq, 0.f, "none", false};
+              // GQA and the (1023, 1024) pair run deterministic (its own block order and semaphore-ordered dQ).
+              const bool det = (hc.h == 6 && hc.hk == 2) || (sq == 1023 && sk == 1024);
+              Case c{K.bf16, K.d, K.dv, pass == 0 ? 2 : 1, sq, sk, hc.h, hc.hk, sk, sq, 0.f, "none", det};
               if (mi == 1) c.wr = 0, c.mask = "causal";
               if (mi == 2) c.wl = 67, c.wr = 13, c.mask = "local";
               if (mi == 3) c.wr = 0, c.softcap = 15.f, c.mask = "causal+softcap";
@@ -610,7 +621,9 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
 
-  if (do_bench) {
+  if (do_bench && one_d) {
+    bench(true, one_d, one_causal != 0, one_det != 0, {one_s});
+  } else if (do_bench) {
     const std::vector<int> seqlens = {1024, 2048, 4096, 8192, 16384};
     for (int d : {128, 64, 256}) {
       bench(true, d, false, false, seqlens);

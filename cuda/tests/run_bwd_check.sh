@@ -2,6 +2,7 @@
 # Build every backward TU and the standalone checker cuda/tests/bwd_check.cu on a GPU machine, then: correctness grid
 # per head dim, timing, compute-sanitizer memcheck + racecheck on small shapes. Logs go to $OUT (default /tmp/out).
 #   DTYPES="bf16 fp16"  HDIMS="64x64 96x96 128x128 192x192 256x256 192x128"  CHECK_HDS="128 64 ..."
+#   NCU="128,8192,0,0": also profile the main kernel of that bench case (D,S,CAUSAL,DET) with Nsight Compute.
 # Run from the repository root; the CUTLASS headers are unpacked from .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl.
 set -o pipefail
 REPO=$(pwd)
@@ -55,3 +56,12 @@ timeout ${TBENCH:-45} ./bwd_check --bench-only 2>&1 | tee $OUT/bench.log
 echo "bench rc=$?"
 timeout ${TSAN:-40} compute-sanitizer --tool memcheck ./bwd_check --sanitize --hd 128 2>&1 | tail -12 | tee $OUT/san.txt
 timeout 30 compute-sanitizer --tool racecheck ./bwd_check --sanitize --hd 128 2>&1 | tail -6 | tee -a $OUT/san.txt
+if [ -n "$NCU" ]; then
+  timeout 150 ncu --clock-control none -k regex:bwd_kernel -c 1 --section SpeedOfLight --section WarpStateStats \
+    --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section SourceCounters \
+    --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active --import-source yes \
+    -o $OUT/prof ./bwd_check --bench-case $NCU > /dev/null 2>&1
+  ncu -i $OUT/prof.ncu-rep --page details > $OUT/ncu_details.txt 2>&1
+  # Per-SASS-instruction stall samples (what NOTES_bwd.md's profile breakdown was computed from).
+  ncu -i $OUT/prof.ncu-rep --page source --csv --print-source sass 2>&1 | gzip > $OUT/ncu_source.csv.gz
+fi

@@ -5,9 +5,14 @@
 // one predicate (pair (m, n) visible iff the interval of j - i over the two clipped blocks meets [win_lo, win_hi]),
 // so "n visits m" and "m waits for n" can never disagree (a disagreement would deadlock the deterministic mode).
 //
-// dQ: each CTA adds its kBlockM x d partial into an fp32 workspace tile with vector reductions
-// (red.global.add.v4.f32) straight from registers. The tile is stored in fragment order, granule g of consumer
-// thread t at float offset (g * 256 + t) * 4, so a warp's 32 reductions cover 512 contiguous bytes.
+// dQ: each CTA adds its kBlockM x d partial into an fp32 workspace tile. The tile is stored in fragment order, one
+// contiguous slice per consumer warpgroup: granule g (4 floats) of thread t of warpgroup w at float offset
+// ((w * granules + g) * 128 + t) * 4, so a warp's 32 granules cover 512 contiguous bytes and a warpgroup's slice is
+// one contiguous range. Two ways to add it:
+//  - bulk (non-deterministic, Traits::kdQViaSmem): the warpgroup stages its slice in SMEM and one thread issues a
+//    single cp.reduce.async.bulk add of the whole slice. The TMA unit performs the adds and the registers are free at
+//    once (per-thread red.global.add.v4 kept ~14 % of all warp samples stalled on register release at d=128, ncu).
+//  - registers: red.global.add.v4.f32 per granule, straight from the accumulator (other head dims, deterministic).
 // Deterministic mode orders the CTAs adding into one tile by a per-tile semaphore: key block n adds when the
 // counter equals n - n_first(m), then increments it.
 #pragma once
@@ -59,24 +64,63 @@ CUTE_DEVICE int ld_acquire(const int* p) {
   return v;
 }
 
-// Consumer-thread named barrier (256 threads). Ids 0-7 are CUTLASS's reserved ones; named barriers are per CTA, so
-// the forward kernel's ids cannot interact with this one.
-enum class BwdBarrier : int { kConsumers = 8 };
+// Named barriers. Ids 0-7 are CUTLASS's reserved ones; named barriers are per CTA, so the forward kernel's ids cannot
+// interact with these. kConsumers: both consumer warpgroups (256 threads); kWarpgroup + w: warpgroup w alone.
+enum class BwdBarrier : int { kConsumers = 8, kWarpgroup = 9 };
 
 CUTE_DEVICE void consumer_sync() {
   asm volatile("bar.sync %0, %1;" ::"r"(int(BwdBarrier::kConsumers)), "r"(256) : "memory");
 }
 
-// Adds a dQ partial fragment into its workspace tile. `tid` is the consumer thread index (0..255).
+CUTE_DEVICE void warpgroup_sync(int consumer_wg) {
+  asm volatile("bar.sync %0, %1;" ::"r"(int(BwdBarrier::kWarpgroup) + consumer_wg), "r"(128) : "memory");
+}
+
+// Float offset of granule g of consumer thread tid (0..255) in a dQ tile (layout above).
+template <int kGranules>
+CUTE_DEVICE int dq_granule_offset(int g, int tid) {
+  return (((tid >> 7) * kGranules + g) * 128 + (tid & 127)) * 4;
+}
+
+// Adds a dQ partial fragment into its workspace tile with one vector reduction per granule.
 template <class Tensor>
 CUTE_DEVICE void dq_accumulate(Tensor const& frag, float* tile, int tid) {
   using namespace cute;
   constexpr int N = decltype(size(frag))::value;
   CUTE_UNROLL
   for (int g = 0; g < N / 4; ++g) {
-    red_add_v4(tile + (g * 256 + tid) * 4, frag(4 * g), frag(4 * g + 1), frag(4 * g + 2), frag(4 * g + 3));
+    red_add_v4(tile + dq_granule_offset<N / 4>(g, tid), frag(4 * g), frag(4 * g + 1), frag(4 * g + 2),
+               frag(4 * g + 3));
   }
 }
+
+// Writes a dQ partial fragment into the SMEM copy of its tile (same layout as the workspace tile).
+template <class Tensor>
+CUTE_DEVICE void dq_stage(Tensor const& frag, float* smem_tile, int tid) {
+  using namespace cute;
+  constexpr int N = decltype(size(frag))::value;
+  const uint32_t base = uint32_t(__cvta_generic_to_shared(smem_tile));
+  CUTE_UNROLL
+  for (int g = 0; g < N / 4; ++g) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(base + dq_granule_offset<N / 4>(g, tid) * 4),
+                 "f"(frag(4 * g)), "f"(frag(4 * g + 1)), "f"(frag(4 * g + 2)), "f"(frag(4 * g + 3))
+                 : "memory");
+  }
+}
+
+// One bulk reduce-add of `bytes` (multiple of 16) from SMEM into global memory, as its own bulk group.
+CUTE_DEVICE void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(gdst),
+               "r"(uint32_t(__cvta_generic_to_shared(ssrc))), "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+// This thread's bulk groups have finished reading their SMEM source (the buffer may be rewritten).
+CUTE_DEVICE void bulk_wait_source_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+
+// This thread's bulk groups are complete.
+CUTE_DEVICE void bulk_wait_complete() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
 // Deterministic mode: wait until it is this CTA's turn on the tile's counter. A spin budget turns a logic error
 // into a trap (launch failure) instead of a hung GPU.

@@ -5,7 +5,8 @@
 //   S = Q K^T, dP = dO V^T              (SS, accumulators in registers)
 //   P, dS elementwise                   (bwd_mainloop.cuh), written to SMEM as 16-bit
 //   dV += P^T dO, dK += dS^T Q          (SS on transposed SMEM views, accumulators live across the whole loop)
-//   dQ_partial = dS K                   (SS), reduced into the fp32 workspace (bwd_dq.cuh)
+//   dQ_partial = dS K                   (SS), added into the fp32 workspace (bwd_dq.cuh): staged in SMEM and added
+//                                       by one bulk reduce per warpgroup, or per-thread vector reductions
 // Looping over the query heads of a GQA group inside the CTA keeps dK/dV in registers: no dK/dV workspace and no
 // cross-CTA reduction for GQA/MQA (deterministic by construction); the cost is fewer CTAs when h_k * b is small.
 #pragma once
@@ -15,6 +16,7 @@
 #include "cutlass/arch/reg_reconfig.h"
 #include "cutlass/pipeline/sm90_pipeline.hpp"
 
+#include "fa3/bwd_block_order.cuh"
 #include "fa3/bwd_dq.cuh"
 #include "fa3/bwd_mainloop.cuh"
 #include "fa3/bwd_traits.cuh"
@@ -41,7 +43,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   SharedStorage& ss =
       *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-  const int n_block = blockIdx.x, kv_head = blockIdx.y, bidb = blockIdx.z;
+  const CtaCoord cta = bwd_cta_coord(args.kv_heads, args.batch, args.key_block_slowest);
+  const int n_block = cta.n_block, kv_head = cta.kv_head, bidb = cta.batch;
   const Range mr = m_range_for_n(n_block, kBlockM, kBlockN, args.seqlen_q, args.seqlen_k, args.win_lo, args.win_hi);
   const int m_count = mr.hi >= mr.lo ? mr.hi - mr.lo + 1 : 0;
   const int n_iters = m_count * args.group;
@@ -148,6 +151,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   };
 
   const int rows_padded = args.num_m_blocks * kBlockM;
+  const int consumer_wg = tid / 128;
+  // Bulk dQ path: thread 0 of each consumer warpgroup issues its slice's reduce-add (bwd_dq.cuh).
+  const bool dq_bulk = Traits::kdQViaSmem && !args.deterministic;
+  const bool dq_issuer = dq_bulk && (tid & 127) == 0;
+  constexpr int kdQSliceBytes = Traits::kdQPerThread * 128 * int(sizeof(float));
   if (n_iters > 0) {
     Barrier::wait(&ss.kv_barrier, 0);
     cutlass::PipelineState<Traits::kStages> state;
@@ -172,22 +180,31 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
       const int row0 = m_block * kBlockM, col0 = n_block * kBlockN;
       const bool need_mask =
           tile_needs_mask(m_block, n_block, kBlockM, kBlockN, args.seqlen_k, args.win_lo, args.win_hi);
+      // Row statistics of this thread's rows, loaded while the S/dP GEMMs run.
+      constexpr int kRows = decltype(size<0>(s_rc))::value;
+      float lse_r[kRows], dsum_r[kRows];
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int r = get<0>(tScS_rc(mi, 0));
+        lse_r[mi] = lse[r];
+        dsum_r[mi] = dsum[r];
+      }
 
       warpgroup_wait<0>();
       if (args.has_softcap) {
         if (need_mask) {
-          scores_to_grads<true, true>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+          scores_to_grads<true, true>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
                                       args.win_hi, args.scale_log2, args.softcap_pre);
         } else {
-          scores_to_grads<false, true>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+          scores_to_grads<false, true>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
                                        args.win_hi, args.scale_log2, args.softcap_pre);
         }
       } else {
         if (need_mask) {
-          scores_to_grads<true, false>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+          scores_to_grads<true, false>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
                                        args.win_hi, args.scale_log2, args.softcap_pre);
         } else {
-          scores_to_grads<false, false>(s_rc, dp_rc, tScS_rc, lse, dsum, row0, col0, args.seqlen_k, args.win_lo,
+          scores_to_grads<false, false>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
                                         args.win_hi, args.scale_log2, args.softcap_pre);
         }
       }
@@ -197,6 +214,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
       write_pair_fragment(tdPrdP, sdS, pds);
       // Generic-proxy SMEM writes must be visible to the async proxy (WGMMA) of both warpgroups.
       cutlass::arch::fence_view_async_shared();
+      // The previous iteration's bulk dQ add must have read the SMEM tile before anyone rewrites it (after the sync).
+      if (dq_issuer) bulk_wait_source_read();
       consumer_sync();
       gemm_ss<false>(mma_dv, tdVrPt(_, _, _, pds), tdVrdOt(_, _, _, stage), tdVrdV);
       gemm_ss<false>(mma_dk, tdKrdSt(_, _, _, pds), tdKrQt(_, _, _, stage), tdKrdK);
@@ -207,6 +226,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
 
       const size_t tile = (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
       float* dq_tile = args.dq_accum + tile * (kBlockM * kHeadDim);
+      if constexpr (Traits::kdQViaSmem) {
+        if (dq_bulk) {
+          dq_stage(tdQrdQ, ss.dq.data(), tid);
+          cutlass::arch::fence_view_async_shared();  // generic SMEM writes -> the bulk copy's async proxy
+          warpgroup_sync(consumer_wg);
+          if (dq_issuer) {
+            const int slice = consumer_wg * (kdQSliceBytes / int(sizeof(float)));
+            bulk_reduce_add_f32(dq_tile + slice, ss.dq.data() + slice, kdQSliceBytes);
+          }
+          continue;
+        }
+      }
       if (args.deterministic) {
         int* sem = args.dq_sem + tile;
         dq_wait_turn(sem, n_block - first_n_for_m(m_block, kBlockN, kBlockM, args.win_lo), tid);
@@ -216,6 +247,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
         dq_accumulate(tdQrdQ, dq_tile, tid);
       }
     }
+    // The SMEM source of the last bulk add must stay valid until it has been read; finish the adds before exit.
+    if (dq_issuer) bulk_wait_complete();
   }
 
   // ---------------- epilogue: dK (scaled), dV straight from registers ----------------

@@ -33,22 +33,21 @@ CUTE_DEVICE float tanh_approx(float x) {
 }
 
 // s (in: Q K^T, out: P) and dp (in: dO V^T, out: dS without the softmax scale), as (rows, cols) views; coords: the
-// tile coordinates of the same registers. lse_log2 / dsum point at the tile's first row (padded, always readable).
+// tile coordinates of the same registers. lse_log2 / dsum: the values of the view's rows, already in registers (the
+// caller loads them before waiting for the S/dP GEMMs, so their global latency hides under the tensor work).
 //   P  = exp2(x - lse*log2e),  x = s*scale*log2e, or with softcap t = tanh(s*scale/cap), x = t*cap*log2e
 //   dS = P * (dP - D) * (softcap ? 1 - t^2 : 1)
 // Masked entries get P = dS = 0 by a select (their exp2 may overflow for rows whose lse was -inf).
 template <bool kMask, bool kSoftcap, class TS, class TdP, class TC>
-CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* __restrict__ lse_log2,
-                                 const float* __restrict__ dsum, int row0, int col0, int seqlen_k, int win_lo,
-                                 int win_hi, float scale_log2, float softcap_pre) {
+CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* lse_log2, const float* dsum, int row0,
+                                 int col0, int seqlen_k, int win_lo, int win_hi, float scale_log2, float softcap_pre) {
   using namespace cute;
   CUTE_UNROLL
   for (int mi = 0; mi < size<0>(s); ++mi) {
-    const int r = get<0>(coords(mi, 0));
-    const float lse = lse_log2[r];
-    const float d = dsum[r];
+    const float lse = lse_log2[mi];
+    const float d = dsum[mi];
     // Visible columns of this row, relative to the tile origin.
-    const int i = row0 + r;
+    const int i = row0 + get<0>(coords(mi, 0));
     const int lo = i + win_lo - col0;
     const int hi = min(i + win_hi, seqlen_k - 1) - col0;
     CUTE_UNROLL

@@ -5,6 +5,8 @@
 
 #include "cute/tensor.hpp"
 
+#include "fa3/bwd_dq.cuh"
+
 namespace fa3 {
 namespace bwd {
 
@@ -27,7 +29,7 @@ __global__ void __launch_bounds__(256) bwd_postprocess_kernel(const float* __res
   Element* dst = dq + (size_t(b) * seqlen_q * heads + h) * kHeadDim;
   CUTE_UNROLL
   for (int g = 0; g < Traits::kdQPerThread / 4; ++g) {
-    const float4 v = *reinterpret_cast<const float4*>(src + (size_t(g) * 256 + tid) * 4);
+    const float4 v = *reinterpret_cast<const float4*>(src + dq_granule_offset<Traits::kdQPerThread / 4>(g, tid));
     const float vals[4] = {v.x, v.y, v.z, v.w};
     CUTE_UNROLL
     for (int e = 0; e < 4; e += 2) {

@@ -109,6 +109,13 @@ struct BwdTraits {
 
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
 
+  // dQ partial staged in SMEM for one bulk reduce-add per warpgroup (bwd_dq.cuh) where that was measured faster:
+  // d=128 (+7-9 %); at d=64 it was 6 % slower (the shorter iteration pays more for the extra warpgroup barrier than it
+  // saves); d=96 and 192 were not measured with it; d=256 has no SMEM room for the fp32 tile.
+  static constexpr bool kdQViaSmem = kHeadDim == 128;
+  struct NoSmem {};
+  using SmemdQ = std::conditional_t<kdQViaSmem, cute::array_aligned<float, kBlockM * kHeadDim, 128>, NoSmem>;
+
   struct SharedStorage {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdO>, 1024> dout;
@@ -116,6 +123,7 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> p;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> ds;
+    alignas(128) SmemdQ dq;
     typename MainloopPipeline::SharedStorage pipe;
     alignas(16) uint64_t kv_barrier;
   };
@@ -162,6 +170,7 @@ struct BwdArgs {
   float softmax_scale;
   bool has_softcap;
   bool deterministic;
+  bool key_block_slowest;  // CTA order (bwd_block_order.cuh)
 };
 
 }  // namespace bwd
