@@ -332,6 +332,19 @@ std::vector<Case> cases_for(const Kernel& kn, bool quick) {
     add(2, 2, sk, -5, 0.f);        // negative right window
     add(2, 2, -3, 40, 0.f);        // negative left window
   }
+  // Several tiles per CTA of the persistent grid (132 SMs): state carried from tile to tile (pipeline phases, Q
+  // reuse, pingpong turns, O buffer), empty tiles between full ones, an L2 section boundary inside the grid.
+  auto add_many = [&](int b, int sq, int sk, int h, int hk, int64_t wl, int64_t wr, float cap) {
+    Case c{b, sq, sk, h, hk, wl, wr, cap, ""};
+    c.label = label(c) + " (many tiles)";
+    out.push_back(c);
+  };
+  add_many(9, 512, 512, 16, 16, 512, 0, 0.f);       // causal, 576 tiles; d=128: sections of 128 + 16 heads
+  add_many(9, 384, 512, 16, 16, 512, 384, 0.f);     // no mask, 432 tiles
+  add_many(4, 1024, 128, 16, 16, 128, 0, 0.f);      // causal with s_q > s_k: 7 of 8 m-blocks see no key
+  add_many(16, 128, 200, 16, 16, 200, 0, 0.f);      // causal, 256 one-m-block tiles (small enough for --tiny)
+  add_many(8, 256, 100, 16, 16, 100, 0, 0.f);       // causal, 256 tiles, every other one empty (--tiny)
+  if (!quick || main_cfg) add_many(2, 1024, 1024, 12, 4, 100, 0, 15.f);  // GQA local + softcap, 192 tiles
   return out;
 }
 

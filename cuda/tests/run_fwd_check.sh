@@ -1,11 +1,13 @@
 #!/bin/bash
 # Build every forward TU and fwd_check on a GPU machine, then: correctness, benchmark, compute-sanitizer
-# (memcheck + racecheck on small shapes), SASS facts. Logs go to $OUT (default ./fwd_out), at most 8 files.
+# (memcheck on small shapes, racecheck + synccheck on tiny ones), SASS facts. Logs go to $OUT (default ./fwd_out),
+# at most 8 files.
 #   CUTLASS_INC=<cutlass include dir>  (default: unpacked from .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl)
 #   FWD_ONLY="bf16_128x128 ..."        (default: all 12 (dtype, head dim) pairs)
 #   STEPS="build check bench sanitize sass"  (default: all; "build" can run on a machine without a GPU, and the
 #                                      other steps then reuse BUILD_DIR, e.g. carried to the GPU machine)
 #   JOBS=16                            (parallel nvcc jobs)
+#   SANITIZE="bf16_128x128 ..."        (kernels the sanitizers run; default: bf16_128x128 and the first of FWD_ONLY)
 set -u
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$ROOT/fwd_out}
@@ -53,16 +55,19 @@ fi  # build
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv > "$OUT/gpu.txt" 2>&1
 
 for step in $STEPS; do case $step in
-check) timeout 200 "$B/fwd_check" --no-bench > "$OUT/check.log" 2>&1; echo "check rc=$?"; grep -c "^ok" "$OUT/check.log"; grep "FAIL\|correctness\|error" "$OUT/check.log" | head -40 ;;
+check) timeout 300 "$B/fwd_check" --no-bench > "$OUT/check.log" 2>&1; echo "check rc=$?"; grep -c "^ok" "$OUT/check.log"; grep "FAIL\|correctness\|error" "$OUT/check.log" | head -40 ;;
 bench) timeout 120 "$B/fwd_check" --bench-only > "$OUT/bench.log" 2>&1; echo "bench rc=$?"; cat "$OUT/bench.log" ;;
 sanitize)
-  k1=$(echo $KS | awk '{print $1}')
-  for kn in bf16_128x128 $k1; do
-    timeout 100 compute-sanitizer --tool memcheck "$B/fwd_check" --small --no-bench --filter $kn > "$OUT/sanitizer.log.$kn" 2>&1; echo "memcheck $kn rc=$?"
+  SAN=${SANITIZE:-$(printf '%s\n' bf16_128x128 $(echo $KS | awk '{print $1}') | sort -u)}
+  for kn in $SAN; do
+    { timeout 100 compute-sanitizer --tool memcheck "$B/fwd_check" --small --no-bench --filter $kn; echo "memcheck $kn rc=$?"
+      timeout 100 compute-sanitizer --tool racecheck "$B/fwd_check" --tiny --no-bench --filter $kn; echo "racecheck $kn rc=$?"
+      timeout 100 compute-sanitizer --tool synccheck "$B/fwd_check" --tiny --no-bench --filter $kn; echo "synccheck $kn rc=$?"
+    } > "$OUT/sanitizer.log.$kn" 2>&1 &
   done
-  timeout 100 compute-sanitizer --tool racecheck "$B/fwd_check" --tiny --no-bench --filter bf16_128x128 >> "$OUT/sanitizer.log.bf16_128x128" 2>&1; echo "racecheck rc=$?"
+  wait
   cat $OUT/sanitizer.log.* > "$OUT/sanitizer.log"; rm -f $OUT/sanitizer.log.*
-  grep -h "ERROR SUMMARY\|RACECHECK SUMMARY\|correctness" "$OUT/sanitizer.log" ;;
+  grep -h "rc=\|ERROR SUMMARY\|RACECHECK SUMMARY\|correctness" "$OUT/sanitizer.log" ;;
 sass)
   for kname in $KS; do
     cuobjdump -sass "$B/k/fwd_$kname.o" > "$B/sass_$kname.txt" 2>/dev/null

@@ -1,5 +1,7 @@
-// Forward epilogue: normalise O, stage it (16-bit) in Q's SMEM, write it with coalesced 16-byte row-predicated
-// stores, and write the LSE from the threads that own column 0 of each row.
+// Forward epilogue: normalise O, stage it (16-bit) in SMEM (its own buffer with the persistent grid, else Q's), write
+// it with coalesced 16-byte row-predicated stores, and write the LSE from the threads that own column 0 of each row.
+// Each consumer warpgroup stores its own 64 rows, so with a separate O buffer the warpgroups never wait for each
+// other here and one can start its next tile while the other is still storing.
 //
 // Not TMA-stored (§2 v6) yet: predicated stores are simple and can never write past seqlen_q.
 #pragma once
@@ -51,18 +53,26 @@ struct FwdEpilogue {
       }
     }
 
-    // Q's SMEM becomes O's: every consumer warpgroup must be past its last Q K^T (with d != d_v the two layouts
-    // do not keep warpgroups' rows apart).
-    named_barrier_sync(Traits::kNumMmaThreads, FwdBarrier::kConsumers);
-    Tensor sO = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutO{});
+    // A warpgroup writes and reads only its own rows of sO (the P V atoms stack the warpgroups along M).
+    const int wg = thread_idx / 128;
+    if constexpr (Traits::kPersistent) {
+      // The warpgroup's reads of the previous tile's O are done before its rows are overwritten.
+      named_barrier_sync(128, FwdBarrier::kEpilogue0, wg);
+    } else {
+      // Q's SMEM becomes O's: every consumer warpgroup must be past its last Q K^T (with d != d_v the two layouts
+      // do not keep warpgroups' rows apart).
+      named_barrier_sync(Traits::kNumMmaThreads, FwdBarrier::kConsumers);
+    }
+    Tensor sO = make_tensor(make_smem_ptr(smem.qo.o_data()), typename Traits::SmemLayoutO{});
     Tensor tOsO = thr_pv.partition_C(sO);
     copy(rO, tOsO);
-    named_barrier_sync(Traits::kNumMmaThreads, FwdBarrier::kConsumers);
+    named_barrier_sync(128, FwdBarrier::kEpilogue0, wg);
 
+    constexpr int kRowsPerWarpGroup = kBlockM / Traits::kNumMmaWarpGroups;
     constexpr int kChunksPerRow = kHeadDimV / 8;  // 16-byte chunks
     Element* o_ptr = args.out + batch * args.o_batch_stride + head * args.o_head_stride;
-    for (int idx = thread_idx; idx < kBlockM * kChunksPerRow; idx += Traits::kNumMmaThreads) {
-      const int r = idx / kChunksPerRow;
+    for (int idx = thread_idx % 128; idx < kRowsPerWarpGroup * kChunksPerRow; idx += 128) {
+      const int r = wg * kRowsPerWarpGroup + idx / kChunksPerRow;
       const int c = (idx % kChunksPerRow) * 8;
       const int row = row0 + r;
       if (row < args.seqlen_q) {

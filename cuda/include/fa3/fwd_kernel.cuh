@@ -1,7 +1,12 @@
-// The forward kernel shell: roles, register reallocation, barrier setup (KERNELS.md §2 v2).
+// The forward kernel shell: roles, register reallocation, barrier setup, the loop over this CTA's tiles
+// (KERNELS.md §2 v2, v5).
 //
 // Warpgroup 0 is the producer (one elected thread issues all TMA; the other producer warps exit after giving their
-// registers back); warpgroups 1.. are consumers of 64 rows each.
+// registers back); warpgroups 1.. are consumers of 64 rows each. Both sides walk the same tile sequence
+// (FwdTileScheduler) and skip the same empty tiles (no visible KV block), so the pipeline stages and the Q phase
+// advance in step without any hand-off between them. With the persistent grid the producer runs up to a tile
+// ahead: it loads the next tile's first K block and, once every consumer warp is past its last Q K^T
+// (bar_q_empty), the next Q, while the consumers finish the last P V and the epilogue.
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -31,34 +36,49 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
 
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterTransactionBarrier::init(&smem.bar_q, 1);
+    cutlass::arch::ClusterBarrier::init(&smem.bar_q_empty, Traits::kNumMmaThreads / 32);
     smem.pipe_k.init(Traits::kNumMmaWarpGroups * 4);
     smem.pipe_v.init(Traits::kNumMmaWarpGroups * 4);
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
-  const auto tile = SingleTileScheduler::get(args.num_m_blocks, args.heads);
+  const FwdTileScheduler& sched = args.scheduler;
   const MaskWindow window{args.window_left, args.window_right};
-  const BlockRange range = fwd_block_range(tile.m_block, Traits::kBlockM, Traits::kBlockN, args.seqlen_q,
-                                           args.seqlen_k, window);
+  auto tile_range = [&](FwdTileScheduler::Tile const& tile) {
+    return fwd_block_range(tile.m_block, Traits::kBlockM, Traits::kBlockN, args.seqlen_q, args.seqlen_k, window);
+  };
+  typename Mainloop::PipeStates pipes;
+  int tiles_done = 0;  // tiles with a non-empty range that this CTA has run: the Q load count
 
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::Tile::kProducerRegs>();
     if (warp_in_group == 0 && cute::elect_one_sync()) {
-      if (range.n_min < range.n_max) {
-        Mainloop::prefetch_descriptors(args);
-        Mainloop::load(args, smem, tile.m_block, tile.head, tile.batch, range);
-      }
+      Mainloop::prefetch_descriptors(args);
+      sched.for_each_tile<Traits::kPersistent>([&](FwdTileScheduler::Tile const& tile) {
+        const BlockRange range = tile_range(tile);
+        if (range.n_min >= range.n_max) return;
+        Mainloop::load(args, smem, tile.m_block, tile.head, tile.batch, range, pipes, tiles_done);
+        ++tiles_done;
+      });
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::Tile::kConsumerRegs>();
     const int thread_idx = threadIdx.x - 128;
     typename Traits::TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename Traits::BM, typename Traits::DV>{});
-    clear(tOrO);
-    OnlineSoftmax<2> softmax(args.scale_log2);
-    Mainloop::mma(args, smem, thread_idx, tile.m_block, range, tOrO, softmax);
-    Epilogue::store(args, smem, thread_idx, tile.m_block, tile.head, tile.batch, tOrO, softmax);
+    Mainloop::pingpong_open(thread_idx);
+    sched.for_each_tile<Traits::kPersistent>([&](FwdTileScheduler::Tile const& tile) {
+      const BlockRange range = tile_range(tile);
+      clear(tOrO);
+      OnlineSoftmax<2> softmax(args.scale_log2);
+      if (range.n_min < range.n_max) {  // else: no visible key, the epilogue writes O = 0 and LSE = -inf
+        Mainloop::mma(args, smem, thread_idx, tile.m_block, range, tOrO, softmax, pipes, uint32_t(tiles_done) & 1u);
+        ++tiles_done;
+      }
+      Epilogue::store(args, smem, thread_idx, tile.m_block, tile.head, tile.batch, tOrO, softmax);
+    });
+    Mainloop::pingpong_close(thread_idx);
   }
 }
 

@@ -1,4 +1,5 @@
-// Host side of the forward kernel: TMA descriptors, kernel arguments, one-time SMEM opt-in, launch.
+// Host side of the forward kernel: TMA descriptors, kernel arguments, tile schedule, one-time per-device setup
+// (SMEM opt-in, SM count), launch.
 #pragma once
 
 #include <cmath>
@@ -40,6 +41,9 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
                       p.v_batch_stride);
 
   const MaskWindow w = MaskWindow::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
+  const int num_m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  if ((long long)num_m_blocks * p.heads * p.batch > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const FwdTileScheduler sched{num_m_blocks, p.heads, p.heads * p.batch};
   constexpr float kLog2e = 1.4426950408889634f;
   const bool has_softcap = p.softcap > 0.f;
 
@@ -54,7 +58,7 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
       static_cast<Element*>(p.out), p.o_batch_stride, p.o_row_stride, p.o_head_stride,
       p.lse, p.lse_batch_stride, p.lse_head_stride,
       p.seqlen_q, p.seqlen_k, p.heads, p.batch, p.heads / p.kv_heads,
-      (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM,
+      sched,
       w.left, w.right,
       has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e,
       has_softcap ? p.softmax_scale / p.softcap : 0.f,
@@ -62,16 +66,21 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
 
   auto kernel = fwd_kernel<Traits>;
   constexpr int kSmem = Traits::kSmemBytes;
-  // The SMEM opt-in is per (function, device): once per device per instantiation.
+  // The SMEM opt-in is per (function, device), the SM count per device: both once per device per instantiation.
   static std::once_flag once[detail::kMaxDevices];
   static cudaError_t once_err[detail::kMaxDevices];
+  static int num_sms[detail::kMaxDevices];
   std::call_once(once[p.device], [&] {
     once_err[p.device] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (once_err[p.device] == cudaSuccess) {
+      once_err[p.device] = cudaDeviceGetAttribute(&num_sms[p.device], cudaDevAttrMultiProcessorCount, p.device);
+    }
   });
   if (once_err[p.device] != cudaSuccess) return once_err[p.device];
 
-  const long long ctas = SingleTileScheduler::num_ctas(args.num_m_blocks, p.heads, p.batch);
-  if (ctas > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
+  const long long items = sched.num_items<Traits::kPersistent>();
+  const long long ctas = Traits::kPersistent && items > num_sms[p.device] ? num_sms[p.device] : items;
   kernel<<<dim3(unsigned(ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   return cudaGetLastError();
 }

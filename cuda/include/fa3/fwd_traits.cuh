@@ -10,6 +10,7 @@
 #include "cutlass/numeric_types.h"
 
 #include "fa3/pipeline.cuh"
+#include "fa3/tile_scheduler.cuh"
 #include "fa3/tile_size.h"
 
 namespace fa3 {
@@ -52,7 +53,7 @@ struct FwdTraits {
   // V viewed as (d_v, kBlockN, stages): the same bytes, transposed, for the B operand of P V.
   using SmemLayoutVt = decltype(cute::composition(
       SmemLayoutV{}, cute::make_ordered_layout(cute::Shape<DV, BN, cute::Int<kStages>>{}, cute::Step<cute::_2, cute::_1, cute::_3>{})));
-  // O is staged in Q's SMEM for the epilogue.
+  // O is staged in SMEM for the epilogue: its own buffer with the persistent grid, Q's buffer otherwise.
   using SmemAtomO = decltype(cutlass::gemm::collective::detail::ss_smem_selector<cute::GMMA::Major::K, Element, BM, DV>());
   using SmemLayoutO = decltype(cute::tile_to_shape(SmemAtomO{}, cute::Shape<BM, DV>{}));
 
@@ -72,15 +73,30 @@ struct FwdTraits {
   static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
-  static constexpr int kSizeQO = cute::cosize_v<SmemLayoutQ> > cute::cosize_v<SmemLayoutO>
-                                     ? cute::cosize_v<SmemLayoutQ> : cute::cosize_v<SmemLayoutO>;
+  static constexpr bool kPersistent = Tile::kPersistent;
+  static constexpr int kSizeQ = cute::cosize_v<SmemLayoutQ>;
+  static constexpr int kSizeO = cute::cosize_v<SmemLayoutO>;
 
-  // 1024-byte alignment: the 128-byte swizzle pattern repeats every 1024 bytes and TMA/WGMMA assume it starts there.
+  // Q and O buffers. 1024-byte alignment: the 128-byte swizzle pattern repeats every 1024 bytes and TMA/WGMMA
+  // assume it starts there.
+  struct SeparateQO {
+    alignas(1024) cute::array_aligned<Element, kSizeQ, 1024> q;
+    alignas(1024) cute::array_aligned<Element, kSizeO, 1024> o;
+    CUTE_DEVICE Element* q_data() { return q.data(); }
+    CUTE_DEVICE Element* o_data() { return o.data(); }
+  };
+  struct SharedQO {
+    alignas(1024) cute::array_aligned<Element, (kSizeQ > kSizeO ? kSizeQ : kSizeO), 1024> qo;
+    CUTE_DEVICE Element* q_data() { return qo.data(); }
+    CUTE_DEVICE Element* o_data() { return qo.data(); }
+  };
+
   struct SharedStorage {
-    alignas(1024) cute::array_aligned<Element, kSizeQO, 1024> qo;
+    cute::conditional_t<kPersistent, SeparateQO, SharedQO> qo;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
-    alignas(16) uint64_t bar_q;
+    alignas(16) uint64_t bar_q;  // Q landed (transaction barrier, one phase per tile)
+    uint64_t bar_q_empty;        // consumers are done reading Q: the producer may load the next tile's
     TmaPipeline<kStages> pipe_k;
     TmaPipeline<kStages> pipe_v;
   };
@@ -100,7 +116,7 @@ struct FwdArgs {
   float* lse;
   int64_t lse_batch_stride, lse_head_stride;
   int seqlen_q, seqlen_k, heads, batch, head_group;  // head_group = heads / kv_heads
-  int num_m_blocks;
+  FwdTileScheduler scheduler;
   int window_left, window_right;  // clamped (MaskWindow)
   float scale_log2;               // exp2-domain score scale: scale*log2e, or softcap*log2e with softcap
   float softcap_pre;              // scale / softcap (softcap on), unused otherwise

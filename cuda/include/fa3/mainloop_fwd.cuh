@@ -1,6 +1,7 @@
-// Forward mainloop: TMA producer and WGMMA consumers for one (m-block, head, batch) tile (KERNELS.md §2 v2-v4).
+// Forward mainloop: TMA producer and WGMMA consumers for one (m-block, head, batch) tile (KERNELS.md §2 v2-v5).
 //
-// Producer (one elected thread): Q once, then K/V blocks in descending order, K one block ahead of V.
+// Producer (one elected thread): the first K block, Q (once the consumers freed Q's buffer from the previous tile),
+// then the other K/V blocks in descending order, K one block ahead of V.
 // Consumers (kNumMmaWarpGroups x 64 rows): S = Q K_n^T (SS), softcap, mask on boundary blocks only, online
 // softmax, O = O * rescale + P V_n (RS), with the P V GEMM of block n+1 overlapping the softmax of block n.
 #pragma once
@@ -45,18 +46,25 @@ struct FwdMainloop {
   static constexpr int kBlockN = Traits::kBlockN;
   static constexpr int kStages = Traits::kStages;
 
+  // Positions in the K and V pipelines. Each side (producer thread, every consumer thread) keeps its own copy for the
+  // whole CTA: a persistent CTA's tiles continue the same stage/phase sequence.
+  struct PipeStates {
+    PipeState<kStages> k, v;
+  };
+
   CUTE_DEVICE static void prefetch_descriptors(Args const& args) {
     cute::prefetch_tma_descriptor(args.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(args.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(args.tma_v.get_tma_descriptor());
   }
 
-  // Run by one thread.
+  // Run by one thread, for a tile with a non-empty range. tiles_loaded: tiles this CTA loaded before (Q's buffer is
+  // reused from the second on).
   CUTE_DEVICE static void load(Args const& args, Storage& smem, int m_block, int head, int batch,
-                               BlockRange const& range) {
+                               BlockRange const& range, PipeStates& st, int tiles_loaded) {
     using namespace cute;
     const int kv_head = head / args.head_group;
-    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutQ{});
+    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.q_data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutV{});
     Tensor mQ = args.tma_q.get_tma_tensor(args.shape_q)(_, _, head, batch);
@@ -75,36 +83,51 @@ struct FwdMainloop {
     Tensor tVg = get<0>(part_v);  // (TMA, blocks)
     Tensor tVs = get<1>(part_v);  // (TMA, stages)
 
+    auto load_k = [&](int n) {
+      smem.pipe_k.producer_acquire(st.k, Traits::kBytesK);
+      copy(args.tma_k.with(smem.pipe_k.full[st.k.index]), tKg(_, n), tKs(_, st.k.index));
+      st.k.advance();
+    };
+    auto load_v = [&](int n) {
+      smem.pipe_v.producer_acquire(st.v, Traits::kBytesV);
+      copy(args.tma_v.with(smem.pipe_v.full[st.v.index]), tVg(_, n), tVs(_, st.v.index));
+      st.v.advance();
+    };
+
+    // The first K block does not depend on Q's buffer: issue it before waiting for the consumers to free Q, so
+    // that it streams in while they finish the previous tile.
+    load_k(range.n_max - 1);
+    if (tiles_loaded > 0) cutlass::arch::ClusterBarrier::wait(&smem.bar_q_empty, uint32_t(tiles_loaded - 1) & 1u);
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.bar_q, Traits::kBytesQ);
     copy(args.tma_q.with(smem.bar_q), tQg, tQs);
     if constexpr (Traits::Tile::kIntraWGOverlap) {
       // K runs one block ahead of V: the consumers' iteration n needs K_n and V_{n+1} (intra-warpgroup overlap).
-      PipeState<kStages> st_k, st_v;
-      auto load_k = [&](int n) {
-        smem.pipe_k.producer_acquire(st_k, Traits::kBytesK);
-        copy(args.tma_k.with(smem.pipe_k.full[st_k.index]), tKg(_, n), tKs(_, st_k.index));
-        st_k.advance();
-      };
-      auto load_v = [&](int n) {
-        smem.pipe_v.producer_acquire(st_v, Traits::kBytesV);
-        copy(args.tma_v.with(smem.pipe_v.full[st_v.index]), tVg(_, n), tVs(_, st_v.index));
-        st_v.advance();
-      };
-      load_k(range.n_max - 1);
       for (int n = range.n_max - 2; n >= range.n_min; --n) {
         load_k(n);
         load_v(n + 1);
       }
       load_v(range.n_min);
     } else {
-      PipeState<kStages> st;
-      for (int n = range.n_max - 1; n >= range.n_min; --n) {
-        smem.pipe_k.producer_acquire(st, Traits::kBytesK);
-        copy(args.tma_k.with(smem.pipe_k.full[st.index]), tKg(_, n), tKs(_, st.index));
-        smem.pipe_v.producer_acquire(st, Traits::kBytesV);
-        copy(args.tma_v.with(smem.pipe_v.full[st.index]), tVg(_, n), tVs(_, st.index));
-        st.advance();
+      load_v(range.n_max - 1);
+      for (int n = range.n_max - 2; n >= range.n_min; --n) {
+        load_k(n);
+        load_v(n);
       }
+    }
+  }
+
+  // Pingpong turns (§2 v3) run as one alternating sequence over all tiles of the CTA: warpgroup 0 issues first,
+  // each GEMM batch waits for the warpgroup's turn and passes it on right after issuing. Warpgroup 1 opens the
+  // sequence with one pass before its first tile, so warpgroup 0 closes it with one extra wait after its last
+  // tile: arrivals and waits then balance on both barriers, however many tiles (possibly none) the CTA ran.
+  CUTE_DEVICE static void pingpong_open(int thread_idx) {
+    if constexpr (Traits::Tile::kPingpong) {
+      if (thread_idx / 128 == 1) named_barrier_arrive(2 * 128, FwdBarrier::kPingpong0, 0);
+    }
+  }
+  CUTE_DEVICE static void pingpong_close(int thread_idx) {
+    if constexpr (Traits::Tile::kPingpong) {
+      if (thread_idx / 128 == 0) named_barrier_sync(2 * 128, FwdBarrier::kPingpong0, 0);
     }
   }
 
@@ -116,14 +139,15 @@ struct FwdMainloop {
   // the turn to the other warpgroup right after issuing, so one warpgroup's softmax overlaps the other's GEMMs.
   template <class FragO>
   CUTE_DEVICE static void mma_overlap(Args const& args, Storage& smem, int thread_idx, int m_block,
-                                      BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax) {
+                                      BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
+                                      PipeStates& st, uint32_t q_phase) {
     using namespace cute;
     constexpr bool kPingpong = Traits::Tile::kPingpong;
     typename Traits::TiledMmaQK mma_qk;
     typename Traits::TiledMmaPV mma_pv;
     auto thr_qk = mma_qk.get_slice(thread_idx);
     auto thr_pv = mma_pv.get_slice(thread_idx);
-    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutQ{});
+    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.q_data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
     Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
@@ -140,9 +164,8 @@ struct FwdMainloop {
     const int off = args.seqlen_k - args.seqlen_q;
     const int row0 = m_block * kBlockM;
     const int wg = thread_idx / 128;
-    PipeState<kStages> st_k, st_v;
-
-    if (range.n_min >= range.n_max) return;
+    PipeState<kStages>& st_k = st.k;
+    PipeState<kStages>& st_v = st.v;
 
     auto turn_wait = [&] {
       if constexpr (kPingpong) named_barrier_sync(2 * 128, FwdBarrier::kPingpong0, wg);
@@ -150,10 +173,6 @@ struct FwdMainloop {
     auto turn_pass = [&] {
       if constexpr (kPingpong) named_barrier_arrive(2 * 128, FwdBarrier::kPingpong0, 1 - wg);
     };
-    // Warpgroup 0 issues first. Every warpgroup waits once per GEMM batch and passes the turn after it, except
-    // warpgroup 1 after its last batch: that keeps arrivals and waits balanced on both barriers.
-    if (wg == 1) turn_pass();
-
     auto scores = [&](auto& tSrS, int n, auto masked) {
       if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);
       Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
@@ -167,7 +186,7 @@ struct FwdMainloop {
       for (int i = 0; i < size(tOrP); ++i) tOrP(i) = rP(i);
     };
 
-    cutlass::arch::ClusterBarrier::wait(&smem.bar_q, 0);
+    cutlass::arch::ClusterBarrier::wait(&smem.bar_q, q_phase);
     int n = range.n_max - 1;
     {  // First block: S only (always masked: it holds the diagonal or the seqlen_k tail if any block does).
       Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
@@ -217,27 +236,32 @@ struct FwdMainloop {
     for (; n >= unmasked_hi; --n) step(n, cute::true_type{});
     for (; n >= unmasked_lo; --n) step(n, cute::false_type{});
     for (; n >= range.n_min; --n) step(n, cute::true_type{});
+    // Every Q K^T of this warp has retired: the producer may refill Q for the next tile during the last P V and
+    // the epilogue.
+    warp_arrive(&smem.bar_q_empty);
 
     // Last block's P V.
     smem.pipe_v.consumer_wait(st_v);
     turn_wait();
     wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
-    if (wg == 0) turn_pass();
+    turn_pass();
     warpgroup_wait<0>();
     smem.pipe_v.consumer_release(st_v);
+    st_v.advance();
   }
 
   // Serial consumer loop (§2 v2): each GEMM is waited on before the next step. Used where the overlapped loop
   // does not fit in registers (kIntraWGOverlap == false).
   template <class FragO>
-  CUTE_DEVICE static void mma_serial(Args const& args, Storage& smem, int thread_idx, int m_block, BlockRange const& range,
-                              FragO& tOrO, OnlineSoftmax<2>& softmax) {
+  CUTE_DEVICE static void mma_serial(Args const& args, Storage& smem, int thread_idx, int m_block,
+                                     BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
+                                     PipeStates& st, uint32_t q_phase) {
     using namespace cute;
     typename Traits::TiledMmaQK mma_qk;
     typename Traits::TiledMmaPV mma_pv;
     auto thr_qk = mma_qk.get_slice(thread_idx);
     auto thr_pv = mma_pv.get_slice(thread_idx);
-    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.data()), typename Traits::SmemLayoutQ{});
+    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.q_data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
     Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
@@ -250,16 +274,16 @@ struct FwdMainloop {
 
     const int off = args.seqlen_k - args.seqlen_q;
     const int row0 = m_block * kBlockM;
-    PipeState<kStages> st;
 
     // One KV block. kMasked: boundary block (diagonal, window edge or seqlen_k tail).
     auto step = [&](int n, auto masked) {
       constexpr bool kMasked = decltype(masked)::value;
       Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
-      smem.pipe_k.consumer_wait(st);
-      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st.index), tSrS);
+      smem.pipe_k.consumer_wait(st.k);
+      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st.k.index), tSrS);
       warpgroup_wait<0>();
-      smem.pipe_k.consumer_release(st);
+      smem.pipe_k.consumer_release(st.k);
+      st.k.advance();
       if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);
       Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
       if constexpr (kMasked) {
@@ -274,31 +298,32 @@ struct FwdMainloop {
       }
       Tensor rP = convert_fragment<Element>(tSrS);
       Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
-      smem.pipe_v.consumer_wait(st);
-      wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st.index), tOrO);
+      smem.pipe_v.consumer_wait(st.v);
+      wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st.v.index), tOrO);
       warpgroup_wait<0>();
-      smem.pipe_v.consumer_release(st);
-      st.advance();
+      smem.pipe_v.consumer_release(st.v);
+      st.v.advance();
     };
 
-    if (range.n_min >= range.n_max) return;
-    cutlass::arch::ClusterBarrier::wait(&smem.bar_q, 0);
+    cutlass::arch::ClusterBarrier::wait(&smem.bar_q, q_phase);
     int n = range.n_max - 1;
     const int unmasked_hi = max(range.n_unmasked_max, range.n_min);
     const int unmasked_lo = max(range.n_unmasked_min, range.n_min);
     for (; n >= unmasked_hi; --n) step(n, cute::true_type{});
     for (; n >= unmasked_lo; --n) step(n, cute::false_type{});
     for (; n >= range.n_min; --n) step(n, cute::true_type{});
+    warp_arrive(&smem.bar_q_empty);  // every Q K^T of this warp has retired: Q's buffer is free
   }
 
-  // Consumer state of one thread: O accumulator and softmax statistics (2 rows per thread).
+  // Consumer part of one tile with a non-empty range. tOrO and softmax: this thread's O accumulator (zero) and
+  // statistics (2 rows per thread); q_phase: parity of the tile's Q load (tiles this CTA computed before, mod 2).
   template <class FragO>
   CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block, BlockRange const& range,
-                              FragO& tOrO, OnlineSoftmax<2>& softmax) {
+                              FragO& tOrO, OnlineSoftmax<2>& softmax, PipeStates& st, uint32_t q_phase) {
     if constexpr (Traits::Tile::kIntraWGOverlap) {
-      mma_overlap(args, smem, thread_idx, m_block, range, tOrO, softmax);
+      mma_overlap(args, smem, thread_idx, m_block, range, tOrO, softmax, st, q_phase);
     } else {
-      mma_serial(args, smem, thread_idx, m_block, range, tOrO, softmax);
+      mma_serial(args, smem, thread_idx, m_block, range, tOrO, softmax, st, q_phase);
     }
   }
 };

@@ -15,9 +15,16 @@ namespace fa3 {
 // Named barrier ids, offset past the ids CUTLASS reserves (cutlass::arch::NamedBarrier adds
 // ReservedNamedBarrierCount to these).
 enum class FwdBarrier : uint32_t {
-  kConsumers = 0,   // all consumer threads (epilogue: Q's SMEM is reused for O)
+  kConsumers = 0,   // all consumer threads (epilogue, when O is staged in Q's SMEM)
   kPingpong0 = 1,   // pingpong (§2 v3): consumer warpgroup w waits on kPingpong0 + w before issuing its GEMMs
+  kEpilogue0 = 3,   // consumer warpgroup w's own epilogue barrier: kEpilogue0 + w
 };
+
+// One arrival per warp on an mbarrier, once every thread of the warp is done with what the barrier guards.
+CUTLASS_DEVICE void warp_arrive(uint64_t* bar) {
+  __syncwarp();
+  if (cutlass::canonical_lane_idx() == 0) cutlass::arch::ClusterBarrier::arrive(bar);
+}
 
 template <int kStages>
 struct PipeState {
@@ -52,10 +59,7 @@ struct TmaPipeline {
     cutlass::arch::ClusterBarrier::wait(&full[st.index], st.phase);
   }
   // Called by every thread of a consumer warp after its WGMMA reading the stage was waited on.
-  CUTLASS_DEVICE void consumer_release(PipeState<kStages> const& st) {
-    __syncwarp();
-    if (cutlass::canonical_lane_idx() == 0) cutlass::arch::ClusterBarrier::arrive(&empty[st.index]);
-  }
+  CUTLASS_DEVICE void consumer_release(PipeState<kStages> const& st) { warp_arrive(&empty[st.index]); }
 };
 
 CUTLASS_DEVICE void named_barrier_sync(int num_threads, FwdBarrier id, int sub = 0) {

@@ -31,6 +31,11 @@ struct FwdTileSize {
   static constexpr bool kIntraWGOverlap = kHeadDim <= 128;
   // Pingpong between the two consumer warpgroups where GEMM and softmax times are comparable (FA3: d <= 128).
   static constexpr bool kPingpong = kHeadDim <= 128 && kNumMmaWarpGroups == 2 && kIntraWGOverlap;
+  // Persistent grid (§2 v5): one CTA per SM loops over tiles, the producer loading the next tile's Q and K while
+  // the consumers finish the current one. Needs O in its own SMEM buffer (Q's is being refilled): d <= 128 has the
+  // room (d=128: Q 32 + O 32 + K 64 + V 64 KB = 192 KB), d >= 192 does not (216-224 KB without it) and keeps one
+  // CTA per tile with O staged in Q's buffer.
+  static constexpr bool kPersistent = kHeadDim <= 128 && kHeadDimV <= 128;
   static constexpr int kProducerRegs = kNumMmaWarpGroups == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kNumMmaWarpGroups == 2 ? 240 : 160;
 };
