@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 import fa3_jax
-from fa3_jax import _extension
-from fa3_jax import testing
+from fa3_jax import _extension, testing
 
 pytestmark = pytest.mark.gpu
 
