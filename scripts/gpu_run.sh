@@ -53,7 +53,8 @@ for stage in "${stages[@]}"; do
     OUT="$OUT/sanitize" FWD_ONLY=bf16_128x128 STEPS="build sanitize" JOBS=16 cuda/tests/run_fwd_check.sh || status=1
     ;;
   test)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} \
+    # XLA's GEMM autotuning only speeds up the oracle's own matmuls, and costs compile time in every test case.
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} \
       --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || status=1
     ;;
   example)
