@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   using D = typename Traits::D;
   using DV = typename Traits::DV;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
-  constexpr int kHeadDim = Traits::kHeadDim, kHeadDimV = Traits::kHeadDimV;
+  constexpr int kHeadDim = Traits::kHeadDim;
   using SharedStorage = typename Traits::SharedStorage;
   using Pipeline = typename Traits::MainloopPipeline;
   using Barrier = cutlass::arch::ClusterTransactionBarrier;
@@ -252,32 +252,23 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   }
 
   // ---------------- epilogue: dK (scaled), dV straight from registers ----------------
-  {
-    Tensor tdKcdK = thr_dk.partition_C(make_identity_tensor(Shape<BN, D>{}));
-    Element* dk = args.dk + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kHeadDim;
-    const size_t stride = size_t(args.kv_heads) * kHeadDim;
+  // Rows past seqlen_k are dropped; column pairs are stored as 32-bit words.
+  auto store_grad = [&](auto const& acc, auto const& thr_mma, auto tile_shape, Element* out, float scale) {
+    constexpr int kDim = decltype(size<1>(tile_shape))::value;
+    Tensor coords = thr_mma.partition_C(make_identity_tensor(tile_shape));
+    Element* base = out + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kDim;
+    const size_t stride = size_t(args.kv_heads) * kDim;
     CUTE_UNROLL
-    for (int i = 0; i < size(tdKrdK); i += 2) {
-      const int row = n_block * kBlockN + get<0>(tdKcdK(i));
+    for (int i = 0; i < size(acc); i += 2) {
+      const int row = n_block * kBlockN + get<0>(coords(i));
       if (row < args.seqlen_k) {
-        Element v2[2] = {Element(tdKrdK(i) * args.softmax_scale), Element(tdKrdK(i + 1) * args.softmax_scale)};
-        *reinterpret_cast<uint32_t*>(dk + row * stride + get<1>(tdKcdK(i))) = *reinterpret_cast<uint32_t*>(v2);
+        Element v2[2] = {Element(acc(i) * scale), Element(acc(i + 1) * scale)};
+        *reinterpret_cast<uint32_t*>(base + row * stride + get<1>(coords(i))) = *reinterpret_cast<uint32_t*>(v2);
       }
     }
-  }
-  {
-    Tensor tdVcdV = thr_dv.partition_C(make_identity_tensor(Shape<BN, DV>{}));
-    Element* dv = args.dv + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kHeadDimV;
-    const size_t stride = size_t(args.kv_heads) * kHeadDimV;
-    CUTE_UNROLL
-    for (int i = 0; i < size(tdVrdV); i += 2) {
-      const int row = n_block * kBlockN + get<0>(tdVcdV(i));
-      if (row < args.seqlen_k) {
-        Element v2[2] = {Element(tdVrdV(i)), Element(tdVrdV(i + 1))};
-        *reinterpret_cast<uint32_t*>(dv + row * stride + get<1>(tdVcdV(i))) = *reinterpret_cast<uint32_t*>(v2);
-      }
-    }
-  }
+  };
+  store_grad(tdKrdK, thr_dk, Shape<BN, D>{}, args.dk, args.softmax_scale);
+  store_grad(tdVrdV, thr_dv, Shape<BN, DV>{}, args.dv, 1.f);
 }
 
 }  // namespace bwd
