@@ -21,7 +21,7 @@ import sys
 
 import jax
 
-from fa3_jax import benchmark
+from fa3_jax import _extension, benchmark
 
 TOKENS = 16384
 HIDDEN = 2048
@@ -107,6 +107,9 @@ def main(argv=None):
   if args.quick:
     tokens, hidden, seqlens, calls, repeats = 256, 128, [64, 128], 2, 2
   impls = benchmark.implementations(args.implementations)
+  if "fa3_jax" in impls and jax.default_backend() == "gpu" and not _extension.compiled_kernels("fwd"):
+    # Without the extension fa3_jax runs its reference path: timing that as "fa3_jax" would be a wrong number.
+    parser.error(f"fa3_jax has no compiled kernels here ({_extension.import_error}); build it or leave it out")
   args.out.mkdir(parents=True, exist_ok=True)
 
   results = []

@@ -38,10 +38,7 @@ namespace {
 
 using LaunchFn = cudaError_t (*)(const fa3::BwdParams&, cudaStream_t);
 
-#define FA3_BWD_DISPATCH_ENTRY(Element, dtype_name, hdim, hdimv)                           \
-  if (is_bf16 == (std::string(#dtype_name) == "bf16") && d == hdim && dv == hdimv) {       \
-    return &fa3::run_bwd<Element, hdim, hdimv>;                                            \
-  }
+#define FA3_BWD_DISPATCH_ENTRY(...) FA3_SELECT_KERNEL_ENTRY(fa3::run_bwd, __VA_ARGS__)
 
 LaunchFn select_kernel(bool is_bf16, int64_t d, int64_t dv) {
   FA3_JAX_BWD_KERNELS(FA3_BWD_DISPATCH_ENTRY)
@@ -59,12 +56,12 @@ ffi::Error Fa3Bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dout, ffi:
   if (ffi::Error e = fa3::handler::check_hopper_device("fa3_jax_bwd", device); e.failure()) return e;
 
   const auto dt = q.element_type();
-  if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) {
-    return ffi::Error::InvalidArgument("fa3_jax_bwd: q must be bfloat16 or float16");
-  }
-  if (dout.element_type() != dt || k.element_type() != dt || v.element_type() != dt || out.element_type() != dt ||
-      dq->element_type() != dt || dk->element_type() != dt || dv_buf->element_type() != dt) {
-    return ffi::Error::InvalidArgument("fa3_jax_bwd: dout, q, k, v, out, dq, dk and dv must share a dtype");
+  if (ffi::Error e = fa3::handler::check_dtypes("fa3_jax_bwd", "q, dout, k, v, out, dq, dk, dv",
+                                                {dt, dout.element_type(), k.element_type(), v.element_type(),
+                                                 out.element_type(), dq->element_type(), dk->element_type(),
+                                                 dv_buf->element_type()});
+      e.failure()) {
+    return e;
   }
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out.dimensions();
   const auto dod = dout.dimensions(), ld = lse.dimensions();

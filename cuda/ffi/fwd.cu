@@ -37,10 +37,7 @@ namespace {
 
 using LaunchFn = cudaError_t (*)(const fa3::FwdParams&, cudaStream_t);
 
-#define FA3_FWD_DISPATCH_ENTRY(Element, dtype_name, hdim, hdimv)                           \
-  if (is_bf16 == (std::string(#dtype_name) == "bf16") && d == hdim && dv == hdimv) {       \
-    return &fa3::run_fwd<Element, hdim, hdimv>;                                            \
-  }
+#define FA3_FWD_DISPATCH_ENTRY(...) FA3_SELECT_KERNEL_ENTRY(fa3::run_fwd, __VA_ARGS__)
 
 LaunchFn select_kernel(bool is_bf16, int64_t d, int64_t dv) {
   FA3_JAX_FWD_KERNELS(FA3_FWD_DISPATCH_ENTRY)
@@ -54,11 +51,10 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
   if (ffi::Error e = fa3::handler::check_hopper_device("fa3_jax_fwd", device); e.failure()) return e;
 
   const auto dt = q.element_type();
-  if (dt != ffi::DataType::BF16 && dt != ffi::DataType::F16) {
-    return ffi::Error::InvalidArgument("fa3_jax_fwd: q must be bfloat16 or float16");
-  }
-  if (k.element_type() != dt || v.element_type() != dt || out->element_type() != dt) {
-    return ffi::Error::InvalidArgument("fa3_jax_fwd: q, k, v and out must share a dtype");
+  if (ffi::Error e = fa3::handler::check_dtypes(
+          "fa3_jax_fwd", "q, k, v, out", {dt, k.element_type(), v.element_type(), out->element_type()});
+      e.failure()) {
+    return e;
   }
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), od = out->dimensions();
   const auto ld = lse->dimensions();
@@ -67,8 +63,9 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
   }
   const int64_t b = qd[0], sq = qd[1], h = qd[2], d = qd[3];
   const int64_t sk = kd[1], hk = kd[2], dv = vd[3];
-  if (kd[0] != b || kd[3] != d || vd[0] != b || vd[1] != sk || vd[2] != hk || od[0] != b || od[1] != sq ||
-      od[2] != h || od[3] != dv || ld[0] != b || ld[1] != h || ld[2] != sq) {
+  using fa3::handler::dims_equal;
+  if (!dims_equal(kd, {b, sk, hk, d}) || !dims_equal(vd, {b, sk, hk, dv}) || !dims_equal(od, {b, sq, h, dv}) ||
+      !dims_equal(ld, {b, h, sq})) {
     return ffi::Error::InvalidArgument("fa3_jax_fwd: inconsistent shapes q" + dims_str(qd) + " k" + dims_str(kd) +
                                        " v" + dims_str(vd) + " out" + dims_str(od) + " lse" + dims_str(ld));
   }

@@ -9,13 +9,12 @@
 #include <mutex>
 #include <string>
 
+#include "fa3/launch_setup.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fa3::handler {
 
 namespace ffi = xla::ffi;
-
-constexpr int kMaxDevices = 64;
 
 struct DeviceInfo {
   cudaError_t err = cudaSuccess;
@@ -60,6 +59,18 @@ inline ffi::Error check_problem(const std::string& target, int64_t batch, int64_
   return ffi::Error::Success();
 }
 
+// Success iff the buffers' element types (listed in the order `names` gives) are one type, bfloat16 or float16.
+inline ffi::Error check_dtypes(const std::string& target, const std::string& names,
+                               std::initializer_list<ffi::DataType> dtypes) {
+  const ffi::DataType first = *dtypes.begin();
+  bool same = true;
+  for (ffi::DataType t : dtypes) same = same && t == first;
+  if (!same || (first != ffi::DataType::BF16 && first != ffi::DataType::F16)) {
+    return ffi::Error::InvalidArgument(target + ": " + names + " must share one dtype, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
 inline std::string dims_str(ffi::Span<const int64_t> d) {
   std::string s = "(";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
@@ -76,3 +87,11 @@ inline bool dims_equal(ffi::Span<const int64_t> x, std::initializer_list<int64_t
 }
 
 }  // namespace fa3::handler
+
+// One entry of a kernel-list X-macro (fa3_kernel_list.h) inside a handler's
+// `LaunchFn select_kernel(bool is_bf16, int64_t d, int64_t dv)`: returns &run<Element, hdim, hdimv> when the entry
+// matches. Each handler binds `run` (fa3::run_fwd, fa3::run_bwd) in a one-line macro of its own.
+#define FA3_SELECT_KERNEL_ENTRY(run, Element, dtype_name, hdim, hdimv)                     \
+  if (is_bf16 == (std::string(#dtype_name) == "bf16") && d == hdim && dv == hdimv) {       \
+    return &run<Element, hdim, hdimv>;                                                     \
+  }

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cmath>
-#include <mutex>
 
 #include "cute/tensor.hpp"
 
@@ -14,12 +13,9 @@
 #include "fa3/bwd_postprocess.cuh"
 #include "fa3/bwd_preprocess.cuh"
 #include "fa3/bwd_traits.cuh"
+#include "fa3/launch_setup.h"
 
 namespace fa3 {
-
-namespace bwd_detail {
-constexpr int kMaxDevices = 64;
-}
 
 template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
@@ -28,7 +24,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   using Args = bwd::BwdArgs<Traits>;
   if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || p.seqlen_q < 1 || p.seqlen_k < 1 || p.batch < 1 ||
       p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 ||
-      p.device >= bwd_detail::kMaxDevices) {
+      p.device >= kMaxDevices) {
     return cudaErrorInvalidValue;
   }
   const BwdWorkspaceLayout ws = bwd_workspace_layout(p.batch, p.seqlen_q, p.heads, kHeadDim, p.deterministic);
@@ -93,19 +89,14 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
       // -15 % for deterministic non-causal at 2k, where the key-fastest order's L2 sharing of Q / dO wins.
       p.deterministic && !w.unbounded(p.seqlen_q, p.seqlen_k)};
 
-  auto kernel = bwd::bwd_kernel<Traits>;
   constexpr int kSmem = Traits::kSmemBytes;
-  static std::once_flag once[bwd_detail::kMaxDevices];
-  static cudaError_t once_err[bwd_detail::kMaxDevices];
-  std::call_once(once[p.device], [&] {
-    once_err[p.device] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  });
-  if (once_err[p.device] != cudaSuccess) return once_err[p.device];
+  const LaunchSetup& setup = launch_setup<bwd::bwd_kernel<Traits>>(kSmem, p.device);
+  if (setup.err != cudaSuccess) return setup.err;
   // In either order a CTA only waits (deterministic dQ) for lower key blocks of its (head, batch), which have lower
   // linear block ids and are therefore already resident or finished.
   dim3 grid;
   if (!bwd::bwd_grid(num_n, p.kv_heads, p.batch, args.key_block_slowest, grid)) return cudaErrorInvalidConfiguration;
-  kernel<<<grid, dim3(Traits::kNumThreads), kSmem, stream>>>(args);
+  bwd::bwd_kernel<Traits><<<grid, dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cmath>
-#include <mutex>
 
 #include "cute/tensor.hpp"
 
@@ -11,12 +10,9 @@
 #include "fa3/fwd_kernel.cuh"
 #include "fa3/fwd_launch.h"
 #include "fa3/fwd_traits.cuh"
+#include "fa3/launch_setup.h"
 
 namespace fa3 {
-
-namespace detail {
-constexpr int kMaxDevices = 64;
-}
 
 template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
@@ -24,7 +20,7 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   using Traits = FwdTraits<Element, kHeadDim, kHeadDimV>;
   using Args = FwdArgs<Traits>;
   if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || p.seqlen_q < 1 || p.seqlen_k < 1 || p.batch < 1 ||
-      p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 || p.device >= detail::kMaxDevices) {
+      p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 || p.device >= kMaxDevices) {
     return cudaErrorInvalidValue;
   }
 
@@ -64,24 +60,14 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
       has_softcap ? p.softmax_scale / p.softcap : 0.f,
       has_softcap};
 
-  auto kernel = fwd_kernel<Traits>;
   constexpr int kSmem = Traits::kSmemBytes;
-  // The SMEM opt-in is per (function, device), the SM count per device: both once per device per instantiation.
-  static std::once_flag once[detail::kMaxDevices];
-  static cudaError_t once_err[detail::kMaxDevices];
-  static int num_sms[detail::kMaxDevices];
-  std::call_once(once[p.device], [&] {
-    once_err[p.device] = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    if (once_err[p.device] == cudaSuccess) {
-      once_err[p.device] = cudaDeviceGetAttribute(&num_sms[p.device], cudaDevAttrMultiProcessorCount, p.device);
-    }
-  });
-  if (once_err[p.device] != cudaSuccess) return once_err[p.device];
+  const LaunchSetup& setup = launch_setup<fwd_kernel<Traits>>(kSmem, p.device);
+  if (setup.err != cudaSuccess) return setup.err;
 
   // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
   const long long items = sched.num_items<Traits::kPersistent>();
-  const long long ctas = Traits::kPersistent && items > num_sms[p.device] ? num_sms[p.device] : items;
-  kernel<<<dim3(unsigned(ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
+  const long long ctas = Traits::kPersistent && items > setup.num_sms ? setup.num_sms : items;
+  fwd_kernel<Traits><<<dim3(unsigned(ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   return cudaGetLastError();
 }
 
