@@ -18,6 +18,9 @@ mkdir -p "$OUT"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build check test bench)
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# For correctness runs: XLA's GEMM autotuning only speeds up the reference's own matmuls (our kernels are custom
+# calls) and costs compile time in every case (~16 s each). Not for timing: XLA's own attention is slow without it.
+NO_AUTOTUNE="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 status=0
 
 if [ -d "$WHEELS" ] && ! [ -d /tmp/site/cutlass_library ]; then
@@ -46,9 +49,8 @@ for stage in "${stages[@]}"; do
     grep -iE "warning.*(C75|serializ|spill)|bytes spill" "$OUT/build.log" | head -20
     ;;
   check)
-    # Correctness only, without XLA's GEMM autotuning for the reference's matmuls (~16 s per case otherwise; our
-    # kernels are custom calls). Timing belongs to the bench stages: without autotuning XLA's own attention is slow.
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" python3 -m fa3_jax --no-timing ${MAIN_ARGS:-} 2>&1 \
+    # Correctness only; timing belongs to the bench stages.
+    XLA_FLAGS="$NO_AUTOTUNE" python3 -m fa3_jax --no-timing ${MAIN_ARGS:-} 2>&1 \
       | tee "$OUT/selfcheck.txt" || status=1
     ;;
   sanitize)
@@ -56,8 +58,7 @@ for stage in "${stages[@]}"; do
     OUT="$OUT/sanitize" FWD_ONLY=bf16_128x128 STEPS="build sanitize" JOBS=16 cuda/tests/run_fwd_check.sh || status=1
     ;;
   test)
-    # XLA's GEMM autotuning only speeds up the oracle's own matmuls, and costs compile time in every test case.
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} \
+    XLA_FLAGS="$NO_AUTOTUNE" XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${TEST_TIMEOUT:-400} python3 -m pytest -q -n ${PYTEST_WORKERS:-8} tests/gpu ${PYTEST_K:+-k "$PYTEST_K"} ${PYTEST_ARGS:-} \
       --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 || status=1
     ;;
   example)
