@@ -110,9 +110,10 @@ struct BwdTraits {
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
 
   // dQ partial staged in SMEM for one bulk reduce-add per warpgroup (bwd_dq.cuh) where that was measured faster:
-  // d=128 (+7-9 %) and d=96 (+3 %); at d=64 it is 3-6 % slower (the iteration is short, the extra warpgroup barrier
-  // costs more than the register release it saves); d=192 not measured; d=256 has no SMEM room for the fp32 tile.
-  static constexpr bool kdQViaSmem = kHeadDim == 128 || kHeadDim == 96;
+  // d=128 (+7-9 %), d=96 (+3 %), d=192 (+15-20 %: 12 vector reductions per thread otherwise); at d=64 it is 3-6 %
+  // slower (the iteration is short, the extra warpgroup barrier costs more than the register release it saves);
+  // d=256 has no SMEM room for the fp32 tile.
+  static constexpr bool kdQViaSmem = kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192;
   struct NoSmem {};
   using SmemdQ = std::conditional_t<kdQViaSmem, cute::array_aligned<float, kBlockM * kHeadDim, 128>, NoSmem>;
 
