@@ -94,30 +94,32 @@ CUTE_DEVICE int dq_granule_offset(int g, int tid) {
   return (((tid >> 7) * kGranules + g) * 128 + (tid & 127)) * 4;
 }
 
-// Adds a dQ partial fragment into its workspace tile with one vector reduction per granule.
-template <class Tensor>
-CUTE_DEVICE void dq_accumulate(Tensor const& frag, float* tile, int tid) {
+// Calls write(float offset of the granule in the tile, its 4 values) for each granule of a dQ partial fragment.
+template <class Tensor, class Write>
+CUTE_DEVICE void for_each_dq_granule(Tensor const& frag, int tid, Write&& write) {
   using namespace cute;
   constexpr int N = decltype(size(frag))::value;
   CUTE_UNROLL
   for (int g = 0; g < N / 4; ++g) {
-    red_add_v4(tile + dq_granule_offset<N / 4>(g, tid), frag(4 * g), frag(4 * g + 1), frag(4 * g + 2),
-               frag(4 * g + 3));
+    write(dq_granule_offset<N / 4>(g, tid), frag(4 * g), frag(4 * g + 1), frag(4 * g + 2), frag(4 * g + 3));
   }
+}
+
+// Adds a dQ partial fragment into its workspace tile with one vector reduction per granule.
+template <class Tensor>
+CUTE_DEVICE void dq_accumulate(Tensor const& frag, float* tile, int tid) {
+  for_each_dq_granule(frag, tid,
+                      [&](int off, float a, float b, float c, float d) { red_add_v4(tile + off, a, b, c, d); });
 }
 
 // Writes a dQ partial fragment into the SMEM copy of its tile (same layout as the workspace tile).
 template <class Tensor>
 CUTE_DEVICE void dq_stage(Tensor const& frag, float* smem_tile, int tid) {
-  using namespace cute;
-  constexpr int N = decltype(size(frag))::value;
   const uint32_t base = uint32_t(__cvta_generic_to_shared(smem_tile));
-  CUTE_UNROLL
-  for (int g = 0; g < N / 4; ++g) {
-    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(base + dq_granule_offset<N / 4>(g, tid) * 4),
-                 "f"(frag(4 * g)), "f"(frag(4 * g + 1)), "f"(frag(4 * g + 2)), "f"(frag(4 * g + 3))
+  for_each_dq_granule(frag, tid, [&](int off, float a, float b, float c, float d) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(base + off * 4), "f"(a), "f"(b), "f"(c), "f"(d)
                  : "memory");
-  }
+  });
 }
 
 // One bulk reduce-add of `bytes` (multiple of 16) from SMEM into global memory, as its own bulk group.
