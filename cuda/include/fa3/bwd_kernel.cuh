@@ -1,12 +1,18 @@
 // Backward main kernel (KERNELS.md §4.2): one CTA per (key block, kv head, batch), KV-stationary.
 //
-// Warpgroup 0 is the producer: thread 0 loads K and V once (one transaction barrier), then streams Q and dO tiles
-// of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline. Warpgroups 1-2 consume:
-//   S = Q K^T, dP = dO V^T              (SS, accumulators in registers)
-//   P, dS elementwise                   (bwd_mainloop.cuh), written to SMEM as 16-bit
-//   dV += P^T dO, dK += dS^T Q          (SS on transposed SMEM views, accumulators live across the whole loop)
-//   dQ_partial = dS K                   (SS), added into the fp32 workspace (bwd_dq.cuh): staged in SMEM and added
-//                                       by one bulk reduce per warpgroup, or per-thread vector reductions
+// Warpgroup 0 is the producer: thread 0 loads K and V once (one transaction barrier), then streams Q, dO and the
+// rows' lse / D of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline. Warpgroups
+// 1-2 consume, in one of two forms (bwd_traits.cuh):
+//   RS (d <= 128)                         SS (d = 192, 256)
+//   S^T = K Q^T, dP^T = V dO^T            S = Q K^T, dP = dO V^T               (SS, accumulators in registers)
+//   P^T, dS^T elementwise                 P, dS elementwise                    (bwd_mainloop.cuh)
+//   dS -> SMEM                            P, dS -> SMEM                        (stmatrix, 16-bit)
+//   dV += P^T dO (P^T from registers)     dV += P^T dO, dK += dS^T Q           (accumulators live across the loop)
+//   dQ_partial = dS K                     dQ_partial = dS K
+//   dK += dS^T Q (dS^T from registers),
+//   overlapping the dQ add
+// The dQ partial is added into the fp32 workspace (bwd_dq.cuh): staged in SMEM and added by one bulk reduce per
+// warpgroup, or per-thread vector reductions.
 // Looping over the query heads of a GQA group inside the CTA keeps dK/dV in registers: no dK/dV workspace and no
 // cross-CTA reduction for GQA/MQA (deterministic by construction); the cost is fewer CTAs when h_k * b is small.
 #pragma once
@@ -50,6 +56,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   const int m_count = mr.hi >= mr.lo ? mr.hi - mr.lo + 1 : 0;
   const int n_iters = m_count * args.group;
   const int warp_group = threadIdx.x / 128;
+  const int rows_padded = args.num_m_blocks * kBlockM;  // rows per (batch, head) of the lse / D workspace
 
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = Traits::kTmaBytesQdO;
@@ -92,10 +99,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
                                         group_modes<0, 2>(gQ));
       auto [tdOgdO, tdOsdO] = tma_partition(args.tma_do, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO),
                                             group_modes<0, 2>(gdO));
+      const size_t row_base = (size_t(bidb) * args.heads + head) * rows_padded + size_t(m_block) * kBlockM;
       pipeline.producer_acquire(state);
       uint64_t* bar = pipeline.producer_get_barrier(state);
       copy(args.tma_q.with(*bar), tQgQ, tQsQ(_, state.index()));
       copy(args.tma_do.with(*bar), tdOgdO, tdOsdO(_, state.index()));
+      SM90_BULK_COPY_G2S::copy(args.lse_log2 + row_base, bar, ss.lse[state.index()], Traits::kRowStatBytes);
+      SM90_BULK_COPY_G2S::copy(args.dsum + row_base, bar, ss.dsum[state.index()], Traits::kRowStatBytes);
       ++state;
     }
     return;
@@ -104,10 +114,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   // ---------------- consumers ----------------
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
   const int tid = threadIdx.x - 128;
+  constexpr bool kRS = Traits::kRS;
+  static_assert(!kRS || Traits::kStagesPdS == 2, "the RS loop's dS reuse argument needs two dS buffers");
 
-  Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPdS{});
   Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutPdS{});
-  Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPdSt{});
   Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutPdSt{});
   Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQt{});
   Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Traits::SmemLayoutdOt{});
@@ -122,15 +132,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   auto thr_dk = mma_dk.get_thread_slice(tid);
   auto thr_dq = mma_dq.get_thread_slice(tid);
 
-  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);      // (MMA, MMA_M, MMA_K, stage)
-  Tensor tSrK = thr_sdp.partition_fragment_B(sK);      // (MMA, MMA_N, MMA_K)
-  Tensor tdPrdO = thr_sdp.partition_fragment_A(sdO);   // (MMA, MMA_M, MMA_K, stage)
-  Tensor tdPrV = thr_sdp.partition_fragment_B(sV);
-  Tensor tdVrPt = thr_dv.partition_fragment_A(sPt);    // (MMA, MMA_M, MMA_K, pds stage)
+  // S (or S^T) = A B^T with A, B = (Q, K), or (K, Q) in the RS form; likewise dP with (dO, V).
+  Tensor tSrA = thr_sdp.partition_fragment_A(conditional_return<kRS>(sK, sQ));   // (MMA, MMA_M, MMA_K[, stage])
+  Tensor tSrB = thr_sdp.partition_fragment_B(conditional_return<kRS>(sQ, sK));   // (MMA, MMA_N, MMA_K[, stage])
+  Tensor tdPrA = thr_sdp.partition_fragment_A(conditional_return<kRS>(sV, sdO));
+  Tensor tdPrB = thr_sdp.partition_fragment_B(conditional_return<kRS>(sdO, sV));
+  auto at_stage = [](auto const& t, int stage) {  // the Q / dO operand's pipeline stage
+    if constexpr (rank_v<std::decay_t<decltype(t)>> == 4) return t(_, _, _, stage);
+    else return t;
+  };
   Tensor tdVrdOt = thr_dv.partition_fragment_B(sdOt);  // (MMA, MMA_N, MMA_K, stage)
-  Tensor tdKrdSt = thr_dk.partition_fragment_A(sdSt);
   Tensor tdKrQt = thr_dk.partition_fragment_B(sQt);
-  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);    // (MMA, MMA_M, MMA_K, pds stage)
   Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);
 
   Tensor tdVrdV = partition_fragment_C(mma_dv, Shape<BN, DV>{});
@@ -139,28 +152,54 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   clear(tdKrdK);
 
   // Tile coordinates of the S/dP registers, as (rows, cols).
-  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<BM, BN>{}));
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(typename Traits::ShapeSdP{}));
   Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
 
-  // P and dS leave the registers as 16-bit values through stmatrix (four 8x8 tiles per instruction). The
-  // position-independent view applies the swizzle to the SMEM address bits, so each thread's offsets are constants.
-  // (Element-wise 32-bit stores with the swizzle computed per store cost ~12 instructions per pair: measured
-  // +10 % at d=128, +16 % at d=64, +8-10 % at d=256 from this change alone, NOTES_bwd.md v4.)
-  auto copy_pds = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma_sdp);
+  // P and dS leave the registers as 16-bit values through stmatrix (four 8x8 tiles per instruction; transposing ones
+  // for the RS form's dS^T, which lands in the same K-major dS buffer). The position-independent view applies the
+  // swizzle to the SMEM address bits, so each thread's offsets are constants. (Element-wise 32-bit stores with the
+  // swizzle computed per store cost ~12 instructions per pair: measured +10 % at d=128, +16 % at d=64, +8-10 % at
+  // d=256 from this change alone, NOTES_bwd.md v4.)
+  using StoreAtom = std::conditional_t<kRS, SM90_U16x8_STSM_T, SM90_U32x4_STSM_N>;
+  auto copy_pds = make_tiled_copy_C(Copy_Atom<StoreAtom, Element>{}, mma_sdp);
   auto thr_copy_pds = copy_pds.get_thread_slice(tid);
-  Tensor tPsP = thr_copy_pds.partition_D(as_position_independent_swizzle_tensor(sP));     // (CPY, M, N, pds stage)
-  Tensor tdSsdS = thr_copy_pds.partition_D(as_position_independent_swizzle_tensor(sdS));
-  auto store_pds = [&](auto const& frag, auto& dst, int buf) {
-    Tensor half = convert_fragment<Element>(frag);
+  Tensor tdSsdS =
+      thr_copy_pds.partition_D(as_position_independent_swizzle_tensor(conditional_return<kRS>(sdSt, sdS)));
+  auto store_pds = [&](auto const& half, auto& dst, int buf) {
     copy(copy_pds, thr_copy_pds.retile_S(half), dst(_, _, _, buf));
   };
 
-  const int rows_padded = args.num_m_blocks * kBlockM;
   const int consumer_wg = tid / 128;
   // Bulk dQ path: thread 0 of each consumer warpgroup issues its slice's reduce-add (bwd_dq.cuh).
   const bool dq_bulk = Traits::kdQViaSmem && !args.deterministic;
   const bool dq_issuer = dq_bulk && (tid & 127) == 0;
   constexpr int kdQSliceBytes = Traits::kdQPerThread * 128 * int(sizeof(float));
+  // Adds this iteration's dQ partial into its workspace tile.
+  auto add_dq = [&](auto const& tdQrdQ, int head, int m_block) {
+    const size_t tile = (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
+    float* dq_tile = args.dq_accum + tile * (kBlockM * kHeadDim);
+    if constexpr (Traits::kdQViaSmem) {
+      if (dq_bulk) {
+        dq_stage(tdQrdQ, ss.dq.data(), tid);
+        cutlass::arch::fence_view_async_shared();  // generic SMEM writes -> the bulk copy's async proxy
+        warpgroup_sync(consumer_wg);
+        if (dq_issuer) {
+          const int slice = consumer_wg * (kdQSliceBytes / int(sizeof(float)));
+          bulk_reduce_add_f32(dq_tile + slice, ss.dq.data() + slice, kdQSliceBytes);
+        }
+        return;
+      }
+    }
+    if (args.deterministic) {
+      int* sem = args.dq_sem + tile;
+      dq_wait_turn(sem, n_block - first_n_for_m(m_block, kBlockN, kBlockM, args.win_lo), tid);
+      dq_accumulate(tdQrdQ, dq_tile, tid);
+      dq_pass_turn(sem, tid);
+    } else {
+      dq_accumulate(tdQrdQ, dq_tile, tid);
+    }
+  };
+
   if (n_iters > 0) {
     Barrier::wait(&ss.kv_barrier, 0);
     cutlass::PipelineState<Traits::kStages> state;
@@ -171,85 +210,77 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
       const int pds = Traits::kStagesPdS == 1 ? 0 : (it & 1);
 
       pipeline.consumer_wait(state);
-      Tensor tSrS = partition_fragment_C(mma_sdp, Shape<BM, BN>{});
-      Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<BM, BN>{});
-      Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
-      gemm_ss<true>(mma_sdp, tSrQ(_, _, _, stage), tSrK, tSrS);
-      gemm_ss<true>(mma_sdp, tdPrdO(_, _, _, stage), tdPrV, tdPrdP);
+      Tensor tSrS = partition_fragment_C(mma_sdp, typename Traits::ShapeSdP{});
+      Tensor tdPrdP = partition_fragment_C(mma_sdp, typename Traits::ShapeSdP{});
+      issue_gemm<true>(mma_sdp, at_stage(tSrA, stage), at_stage(tSrB, stage), tSrS);
+      issue_gemm<true>(mma_sdp, at_stage(tdPrA, stage), at_stage(tdPrB, stage), tdPrdP);
 
       Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
       Tensor dp_rc = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
-      const size_t row_base = (size_t(bidb) * args.heads + head) * rows_padded + size_t(m_block) * kBlockM;
-      const float* lse = args.lse_log2 + row_base;
-      const float* dsum = args.dsum + row_base;
-      const int row0 = m_block * kBlockM, col0 = n_block * kBlockN;
+      const int q0 = m_block * kBlockM, k0 = n_block * kBlockN;
       const bool need_mask =
           tile_needs_mask(m_block, n_block, kBlockM, kBlockN, args.seqlen_k, args.win_lo, args.win_hi);
-      // Row statistics of this thread's rows, loaded while the S/dP GEMMs run.
-      constexpr int kRows = decltype(size<0>(s_rc))::value;
-      float lse_r[kRows], dsum_r[kRows];
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        const int r = get<0>(tScS_rc(mi, 0));
-        lse_r[mi] = lse[r];
-        dsum_r[mi] = dsum[r];
-      }
-
+      auto to_grads = [&](auto mask, auto softcap) {
+        scores_to_grads<decltype(mask)::value, decltype(softcap)::value, kRS>(
+            s_rc, dp_rc, tScS_rc, ss.lse[stage], ss.dsum[stage], q0, k0, args.seqlen_k, args.win_lo, args.win_hi,
+            args.scale_log2, args.softcap_pre);
+      };
       warpgroup_wait<0>();
       if (args.has_softcap) {
-        if (need_mask) {
-          scores_to_grads<true, true>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
-                                      args.win_hi, args.scale_log2, args.softcap_pre);
-        } else {
-          scores_to_grads<false, true>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
-                                       args.win_hi, args.scale_log2, args.softcap_pre);
-        }
+        if (need_mask) to_grads(true_type{}, true_type{});
+        else to_grads(false_type{}, true_type{});
       } else {
-        if (need_mask) {
-          scores_to_grads<true, false>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
-                                       args.win_hi, args.scale_log2, args.softcap_pre);
-        } else {
-          scores_to_grads<false, false>(s_rc, dp_rc, tScS_rc, lse_r, dsum_r, row0, col0, args.seqlen_k, args.win_lo,
-                                        args.win_hi, args.scale_log2, args.softcap_pre);
-        }
+        if (need_mask) to_grads(true_type{}, false_type{});
+        else to_grads(false_type{}, false_type{});
       }
-      // With one P/dS buffer, both warpgroups must have finished the previous iteration's GEMMs reading it.
-      if constexpr (Traits::kStagesPdS == 1) consumer_sync();
-      store_pds(tSrS, tPsP, pds);
-      store_pds(tdPrdP, tdSsdS, pds);
-      // Generic-proxy SMEM writes must be visible to the async proxy (WGMMA) of both warpgroups.
-      cutlass::arch::fence_view_async_shared();
-      // The previous iteration's bulk dQ add must have read the SMEM tile before anyone rewrites it (after the sync).
-      if (dq_issuer) bulk_wait_source_read();
-      consumer_sync();
-      gemm_ss<false>(mma_dv, tdVrPt(_, _, _, pds), tdVrdOt(_, _, _, stage), tdVrdV);
-      gemm_ss<false>(mma_dk, tdKrdSt(_, _, _, pds), tdKrQt(_, _, _, stage), tdKrdK);
-      gemm_ss<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
-      warpgroup_wait<0>();
-      pipeline.consumer_release(state);
-      ++state;
+      Tensor rP = convert_fragment<Element>(tSrS);
+      Tensor rdS = convert_fragment<Element>(tdPrdP);
 
-      const size_t tile = (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
-      float* dq_tile = args.dq_accum + tile * (kBlockM * kHeadDim);
-      if constexpr (Traits::kdQViaSmem) {
-        if (dq_bulk) {
-          dq_stage(tdQrdQ, ss.dq.data(), tid);
-          cutlass::arch::fence_view_async_shared();  // generic SMEM writes -> the bulk copy's async proxy
-          warpgroup_sync(consumer_wg);
-          if (dq_issuer) {
-            const int slice = consumer_wg * (kdQSliceBytes / int(sizeof(float)));
-            bulk_reduce_add_f32(dq_tile + slice, ss.dq.data() + slice, kdQSliceBytes);
-          }
-          continue;
-        }
-      }
-      if (args.deterministic) {
-        int* sem = args.dq_sem + tile;
-        dq_wait_turn(sem, n_block - first_n_for_m(m_block, kBlockN, kBlockM, args.win_lo), tid);
-        dq_accumulate(tdQrdQ, dq_tile, tid);
-        dq_pass_turn(sem, tid);
+      if constexpr (kRS) {
+        // dS^T -> SMEM for dQ; dV from P^T in registers meanwhile. Buffer pds was last read by the dQ GEMMs of
+        // iteration it - 2, which both warpgroups waited for before the consumer barrier of iteration it - 1.
+        store_pds(rdS, tdSsdS, pds);
+        Tensor tdVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
+        issue_gemm<false>(mma_dv, tdVrP, tdVrdOt(_, _, _, stage), tdVrdV);
+        // Generic-proxy SMEM writes must be visible to the async proxy (WGMMA) of both warpgroups; the previous
+        // iteration's bulk dQ add must have read the SMEM tile before anyone rewrites it (after the barrier).
+        cutlass::arch::fence_view_async_shared();
+        if (dq_issuer) bulk_wait_source_read();
+        consumer_sync();
+        Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
+        issue_gemm<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
+        warpgroup_wait<1>();  // dV
+        warpgroup_fence_operand(tdVrP);
+        Tensor tdKrdS = make_tensor(rdS.data(), acc_as_a_operand(rdS.layout()));
+        issue_gemm<false>(mma_dk, tdKrdS, tdKrQt(_, _, _, stage), tdKrdK);
+        warpgroup_wait<1>();  // dQ; its add overlaps the dK GEMM
+        warpgroup_fence_operand(tdQrdQ);
+        add_dq(tdQrdQ, head, m_block);
+        warpgroup_wait<0>();
+        warpgroup_fence_operand(tdKrdS);
+        pipeline.consumer_release(state);
+        ++state;
       } else {
-        dq_accumulate(tdQrdQ, dq_tile, tid);
+        Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPdS{});
+        Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Traits::SmemLayoutPdSt{});
+        Tensor tPsP = thr_copy_pds.partition_D(as_position_independent_swizzle_tensor(sP));  // (CPY, M, N, pds)
+        Tensor tdVrPt = thr_dv.partition_fragment_A(sPt);                                  // (MMA, M, K, pds)
+        Tensor tdKrdSt = thr_dk.partition_fragment_A(sdSt);
+        // With one P/dS buffer, both warpgroups must have finished the previous iteration's GEMMs reading it.
+        if constexpr (Traits::kStagesPdS == 1) consumer_sync();
+        store_pds(rP, tPsP, pds);
+        store_pds(rdS, tdSsdS, pds);
+        cutlass::arch::fence_view_async_shared();
+        if (dq_issuer) bulk_wait_source_read();
+        consumer_sync();
+        Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
+        issue_gemm<false>(mma_dv, tdVrPt(_, _, _, pds), tdVrdOt(_, _, _, stage), tdVrdV);
+        issue_gemm<false>(mma_dk, tdKrdSt(_, _, _, pds), tdKrQt(_, _, _, stage), tdKrdK);
+        issue_gemm<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
+        warpgroup_wait<0>();
+        pipeline.consumer_release(state);
+        ++state;
+        add_dq(tdQrdQ, head, m_block);
       }
     }
     // The SMEM source of the last bulk add must stay valid until it has been read; finish the adds before exit.

@@ -1,4 +1,4 @@
-// Backward mainloop pieces (KERNELS.md §4.1): the SS WGMMA issue helper and the elementwise step that turns the
+// Backward mainloop pieces (KERNELS.md §4.1): the WGMMA issue helper and the elementwise step that turns the
 // S and dP accumulators into P and dS.
 #pragma once
 
@@ -9,11 +9,15 @@
 namespace fa3 {
 namespace bwd {
 
-// Issues one SS GEMM over all k-slices as a single WGMMA batch (no wait). kZeroInit: the first k-slice overwrites
-// the accumulator (scale-out 0) instead of clearing registers (KERNELS.md §2 v1).
+// Issues one GEMM over all k-slices as a single WGMMA batch (no wait): SS, or RS when `a` is a register fragment.
+// kZeroInit: the first k-slice overwrites the accumulator (scale-out 0) instead of clearing registers (KERNELS.md §2
+// v1). A register A operand is fenced too: its registers must stay untouched until the matching warpgroup_wait, after
+// which the caller fences it again.
 template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
-CUTE_DEVICE void gemm_ss(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+CUTE_DEVICE void issue_gemm(TiledMma& mma, TA&& a, TB const& b, TC& c) {
   using namespace cute;
+  constexpr bool kRegA = !std::is_same_v<typename std::decay_t<TA>::iterator, GMMA::DescriptorIterator>;
+  if constexpr (kRegA) warpgroup_fence_operand(a);
   warpgroup_fence_operand(c);
   warpgroup_arrive();
   mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
@@ -24,6 +28,7 @@ CUTE_DEVICE void gemm_ss(TiledMma& mma, TA const& a, TB const& b, TC& c) {
   }
   warpgroup_commit_batch();
   warpgroup_fence_operand(c);
+  if constexpr (kRegA) warpgroup_fence_operand(a);
 }
 
 CUTE_DEVICE float tanh_approx(float x) {
@@ -32,42 +37,62 @@ CUTE_DEVICE float tanh_approx(float x) {
   return y;
 }
 
-// s (in: Q K^T, out: P) and dp (in: dO V^T, out: dS without the softmax scale), as (rows, cols) views; coords: the
-// tile coordinates of the same registers. lse_log2 / dsum: the values of the view's rows, already in registers (the
-// caller loads them before waiting for the S/dP GEMMs, so their global latency hides under the tensor work).
+// s (in: scores, out: P) and dp (in: dP, out: dS without the softmax scale), as (rows, cols) views of the S / dP
+// accumulators; coords: the tile coordinates of the same registers. Rows are queries and columns keys, or the
+// reverse when kTransposed (S^T, dP^T of the RS form). lse_log2 / dsum: the M-block's per-query values in SMEM.
+// q0 / k0: the tile's first query / key.
 //   P  = exp2(x - lse*log2e),  x = s*scale*log2e, or with softcap t = tanh(s*scale/cap), x = t*cap*log2e
 //   dS = P * (dP - D) * (softcap ? 1 - t^2 : 1)
-// Masked entries get P = dS = 0 by a select (their exp2 may overflow for rows whose lse was -inf).
-template <bool kMask, bool kSoftcap, class TS, class TdP, class TC>
-CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* lse_log2, const float* dsum, int row0,
-                                 int col0, int seqlen_k, int win_lo, int win_hi, float scale_log2, float softcap_pre) {
+// Masked entries (key j visible from query i iff win_lo <= j - i <= win_hi and j < seqlen_k) get P = dS = 0 by a
+// select (their exp2 may overflow for rows whose lse was -inf).
+template <bool kMask, bool kSoftcap, bool kTransposed, class TS, class TdP, class TC>
+CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* lse_log2, const float* dsum, int q0,
+                                 int k0, int seqlen_k, int win_lo, int win_hi, float scale_log2, float softcap_pre) {
   using namespace cute;
+  constexpr int kRows = decltype(size<0>(s))::value, kCols = decltype(size<1>(s))::value;
+  // Visible columns of each row, relative to the tile origin: an interval, so the mask is two compares per entry.
+  int lo[kRows], hi[kRows];
   CUTE_UNROLL
-  for (int mi = 0; mi < size<0>(s); ++mi) {
-    const float lse = lse_log2[mi];
-    const float d = dsum[mi];
-    // Visible columns of this row, relative to the tile origin.
-    const int i = row0 + get<0>(coords(mi, 0));
-    const int lo = i + win_lo - col0;
-    const int hi = min(i + win_hi, seqlen_k - 1) - col0;
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int r = get<0>(coords(mi, 0));
+    if constexpr (kTransposed) {  // row = key k0 + r, columns = queries q0 + c
+      lo[mi] = k0 + r - win_hi - q0;
+      hi[mi] = k0 + r < seqlen_k ? k0 + r - win_lo - q0 : lo[mi] - 1;
+    } else {                      // row = query q0 + r, columns = keys k0 + c
+      lo[mi] = q0 + r + win_lo - k0;
+      hi[mi] = min(q0 + r + win_hi, seqlen_k - 1) - k0;
+    }
+  }
+  auto entry = [&](int mi, int ni) {
+    const int c = get<1>(coords(mi, ni));
+    const int q = kTransposed ? c : get<0>(coords(mi, 0));
+    float x = s(mi, ni);
+    float dfac = 1.f;
+    if constexpr (kSoftcap) {
+      const float t = tanh_approx(x * softcap_pre);
+      x = t * scale_log2;
+      dfac = 1.f - t * t;
+    } else {
+      x = x * scale_log2;
+    }
+    float p = exp2f(x - lse_log2[q]);
+    if constexpr (kMask) p = (c < lo[mi] || c > hi[mi]) ? 0.f : p;
+    s(mi, ni) = p;
+    dp(mi, ni) = kSoftcap ? p * (dp(mi, ni) - dsum[q]) * dfac : p * (dp(mi, ni) - dsum[q]);
+  };
+  // Walk along the rows' statistics (queries) in the outer loop, so each query's lse and D are loaded once and die
+  // right after use (keeping all of a transposed tile's 2 x 16 values live costs ~100 B of spills at d=128).
+  if constexpr (kTransposed) {
     CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(s); ++ni) {
-      float x = s(mi, ni);
-      float dfac = 1.f;
-      if constexpr (kSoftcap) {
-        const float t = tanh_approx(x * softcap_pre);
-        x = t * scale_log2;
-        dfac = 1.f - t * t;
-      } else {
-        x = x * scale_log2;
-      }
-      float p = exp2f(x - lse);
-      if constexpr (kMask) {
-        const int j = get<1>(coords(mi, ni));
-        p = (j < lo || j > hi) ? 0.f : p;
-      }
-      s(mi, ni) = p;
-      dp(mi, ni) = kSoftcap ? p * (dp(mi, ni) - d) * dfac : p * (dp(mi, ni) - d);
+    for (int ni = 0; ni < kCols; ++ni) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) entry(mi, ni);
+    }
+  } else {
+    CUTE_UNROLL
+    for (int mi = 0; mi < kRows; ++mi) {
+      CUTE_UNROLL
+      for (int ni = 0; ni < kCols; ++ni) entry(mi, ni);
     }
   }
 }

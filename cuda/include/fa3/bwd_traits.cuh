@@ -1,7 +1,12 @@
 // Backward tile configuration: tile sizes, SMEM layouts and the five tiled WGMMAs (KERNELS.md §4).
 //
-// Every GEMM is SS (both operands from SMEM): P and dS go through SMEM once per iteration and feed dV, dK and dQ.
-// That keeps one code path for all head dims (d=192/256 have no register room for RS-form dK/dV at 128 key rows).
+// Two forms (KERNELS.md §4.1):
+//  - RS (d <= 128, 128 key rows): the consumers compute S^T = K Q^T and dP^T = V dO^T, each warpgroup owning 64
+//    keys, so P^T and dS^T are register-A operands of dV += P^T dO and dK += dS^T Q; only dS goes through SMEM
+//    (for dQ = dS K, which needs both warpgroups' keys). Less SMEM operand traffic per FLOP, no P buffer, and the
+//    cross-warpgroup barrier only guards dQ.
+//  - SS (d = 192, 256: no register room for RS dK/dV next to the larger accumulators): P and dS go through SMEM once
+//    per iteration and feed dV, dK and dQ.
 // Two consumer warpgroups split each GEMM along M or N. A warpgroup's slice of an MN-major operand must start on a
 // swizzle-atom boundary (its WGMMA descriptor cannot start inside an atom), so each tensor's swizzle width is the
 // largest of 64/32/16 elements that divides every MN-major slice taken of it (NOTES_bwd.md, "swizzle widths").
@@ -48,13 +53,17 @@ struct BwdTraits {
   // then waits forever, which is how a first version hung.)
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kStages = 2;  // Q / dO pipeline depth
-  // P/dS double-buffered where SMEM allows; single-buffered needs one more consumer barrier per iteration.
+  // P/dS double-buffered where SMEM allows; single-buffered needs one more consumer barrier per iteration (SS only:
+  // the RS loop relies on two dS buffers).
   static constexpr int kStagesPdS = kHeadDim == 256 ? 1 : 2;
 
   using BM = Int<kBlockM>;
   using BN = Int<kBlockN>;
   using D = Int<kHeadDim>;
   using DV = Int<kHeadDimV>;
+
+  static constexpr bool kRS = kBlockN == 128 && kHeadDim <= 128 && kHeadDimV <= 128;
+  static_assert(!kRS || kBlockM == 64, "the RS form splits only the key rows between the warpgroups");
 
   // Warpgroup split per GEMM: along M when the GEMM has 128 rows, else along N.
   static constexpr bool kSdPAlongM = kBlockM == 128;
@@ -68,16 +77,28 @@ struct BwdTraits {
   using AtomLayoutdKV = std::conditional_t<kdKVAlongM, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>;
   using AtomLayoutdQ = std::conditional_t<kdQAlongM, Layout<Shape<_2, _1, _1>>, Layout<Shape<_1, _2, _1>>>;
 
-  // S = Q K^T and dP = dO V^T: (kBlockM x kBlockN), both operands K-major.
-  using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSdPN>, _16>>(), AtomLayoutSdP{}));
-  // dV += P^T dO and dK += dS^T Q: (kBlockN x d), A and B are transposed (MN-major) views.
-  using TiledMmadV = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kdVN>, _16>, GMMA::Major::MN, GMMA::Major::MN>(),
-      AtomLayoutdKV{}));
-  using TiledMmadK = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kdKN>, _16>, GMMA::Major::MN, GMMA::Major::MN>(),
-      AtomLayoutdKV{}));
+  // SS: S = Q K^T and dP = dO V^T, (kBlockM x kBlockN). RS: S^T = K Q^T and dP^T = V dO^T, (kBlockN x kBlockM),
+  // one 64-key slice per warpgroup. Both operands K-major either way.
+  using TiledMmaSdP = std::conditional_t<
+      kRS,
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, BM, _16>>(),
+                              Layout<Shape<_2, _1, _1>>{})),
+      decltype(make_tiled_mma(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSdPN>, _16>>(),
+                              AtomLayoutSdP{}))>;
+  using ShapeSdP = std::conditional_t<kRS, Shape<BN, BM>, Shape<BM, BN>>;  // the S / dP accumulator tile
+  // dV += P^T dO and dK += dS^T Q: (kBlockN x d). B is a transposed (MN-major) view of dO / Q; A is the converted
+  // S^T / dP^T accumulator (RS) or a transposed view of the P / dS buffer (SS).
+  template <int kN>
+  using TiledMmaGrad = std::conditional_t<
+      kRS,
+      decltype(make_tiled_mma(
+          GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kN>, _16>, GMMA::Major::K, GMMA::Major::MN>(),
+          AtomLayoutdKV{})),
+      decltype(make_tiled_mma(
+          GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kN>, _16>, GMMA::Major::MN, GMMA::Major::MN>(),
+          AtomLayoutdKV{}))>;
+  using TiledMmadV = TiledMmaGrad<kdVN>;
+  using TiledMmadK = TiledMmaGrad<kdKN>;
   // dQ = dS K: (kBlockM x d), A K-major, B = K^T view (MN-major).
   using TiledMmadQ = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kdQN>, _16>, GMMA::Major::K, GMMA::Major::MN>(),
@@ -111,8 +132,8 @@ struct BwdTraits {
 
   // dQ partial staged in SMEM for one bulk reduce-add per warpgroup (bwd_dq.cuh) where that was measured faster:
   // d=128 (+7-9 %), d=96 (+3 %), d=192 (+15-20 %: 12 vector reductions per thread otherwise); at d=64 it is 3-6 %
-  // slower (the iteration is short, the extra warpgroup barrier costs more than the register release it saves);
-  // d=256 has no SMEM room for the fp32 tile.
+  // slower in the SS form and 10 % slower in the RS form (the iteration is short, the extra warpgroup barrier costs
+  // more than the register release it saves); d=256 has no SMEM room for the fp32 tile.
   static constexpr bool kdQViaSmem = kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192;
   struct NoSmem {};
   using SmemdQ = std::conditional_t<kdQViaSmem, cute::array_aligned<float, kBlockM * kHeadDim, 128>, NoSmem>;
@@ -122,9 +143,12 @@ struct BwdTraits {
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutdO>, 1024> dout;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
-    alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> p;
+    alignas(1024) std::conditional_t<kRS, NoSmem, cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024>> p;
     alignas(1024) cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> ds;
     alignas(128) SmemdQ dq;
+    // lse * log2e and D of the M-block's rows, loaded with Q / dO into the same pipeline stage.
+    alignas(128) float lse[kStages][kBlockM];
+    alignas(128) float dsum[kStages][kBlockM];
     typename MainloopPipeline::SharedStorage pipe;
     alignas(16) uint64_t kv_barrier;
   };
@@ -141,7 +165,9 @@ struct BwdTraits {
                                         _1{}));
   using TMA_K = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{}, Shape<BN, D>{}, _1{}));
   using TMA_V = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutV{}, Shape<BN, DV>{}, _1{}));
-  static constexpr uint32_t kTmaBytesQdO = uint32_t(kBlockM) * (kHeadDim + kHeadDimV) * sizeof(Element);
+  static constexpr uint32_t kRowStatBytes = uint32_t(kBlockM) * sizeof(float);
+  static constexpr uint32_t kTmaBytesQdO =
+      uint32_t(kBlockM) * (kHeadDim + kHeadDimV) * sizeof(Element) + 2 * kRowStatBytes;
   static constexpr uint32_t kTmaBytesKV = uint32_t(kBlockN) * (kHeadDim + kHeadDimV) * sizeof(Element);
   // dQ partial per thread (fragment order in the workspace, float4 granules).
   static constexpr int kdQPerThread = kBlockM * kHeadDim / kNumMmaThreads;
