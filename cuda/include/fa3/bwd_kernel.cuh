@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
         if constexpr (Traits::kStagesPdS == 1) consumer_sync();
         store_pds(rP, tPsP, pds);
         store_pds(rdS, tdSsdS, pds);
-        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::fence_view_async_shared();  // proxy fence and bulk-source wait as in the RS branch
         if (dq_issuer) bulk_wait_source_read();
         consumer_sync();
         Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
