@@ -131,10 +131,11 @@ struct BwdTraits {
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
 
   // dQ partial staged in SMEM for one bulk reduce-add per warpgroup (bwd_dq.cuh) where that was measured faster:
-  // d=128 (+7-9 %), d=96 (+3 %), d=192 (+15-20 %: 12 vector reductions per thread otherwise); at d=64 it is 3-6 %
-  // slower in the SS form and 10 % slower in the RS form (the iteration is short, the extra warpgroup barrier costs
-  // more than the register release it saves); d=256 has no SMEM room for the fp32 tile.
-  static constexpr bool kdQViaSmem = kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192;
+  // d=128 (+7-10 % in the RS form), d=192 (+15-20 %: 12 vector reductions per thread otherwise). Per-thread
+  // reductions win at d=64 (bulk -10 % in the RS form) and d=96 (bulk -3 % in the RS form, +3 % in the old SS
+  // form): the iteration is short, and the extra warpgroup barrier and proxy fence cost more than the register
+  // release they buy. d=256 has no SMEM room for the fp32 tile.
+  static constexpr bool kdQViaSmem = kHeadDim == 128 || kHeadDim == 192;
   struct NoSmem {};
   using SmemdQ = std::conditional_t<kdQViaSmem, cute::array_aligned<float, kBlockM * kHeadDim, 128>, NoSmem>;
 
