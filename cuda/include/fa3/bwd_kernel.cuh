@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   const int rows_padded = args.num_m_blocks * kBlockM;  // rows per (batch, head) of the lse / D workspace
 
   typename Pipeline::Params pipe_params;
-  pipe_params.transaction_bytes = Traits::kTmaBytesQdO;
+  pipe_params.transaction_bytes = Traits::kTmaBytesPerStage;
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Traits::kNumMmaThreads;

@@ -63,7 +63,8 @@ struct BwdTraits {
   using DV = Int<kHeadDimV>;
 
   static constexpr bool kRS = kBlockN == 128 && kHeadDim <= 128 && kHeadDimV <= 128;
-  static_assert(!kRS || kBlockM == 64, "the RS form splits only the key rows between the warpgroups");
+  // 128-row M-blocks would make S^T / dP^T m64 n128 per warpgroup: 344 B of spills at d=64 (NOTES_bwd.md v5).
+  static_assert(!kRS || kBlockM == 64, "the RS form is built for 64-row M-blocks");
 
   // Warpgroup split per GEMM: along M when the GEMM has 128 rows, else along N.
   static constexpr bool kSdPAlongM = kBlockM == 128;
@@ -167,7 +168,8 @@ struct BwdTraits {
   using TMA_K = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{}, Shape<BN, D>{}, _1{}));
   using TMA_V = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutV{}, Shape<BN, DV>{}, _1{}));
   static constexpr uint32_t kRowStatBytes = uint32_t(kBlockM) * sizeof(float);
-  static constexpr uint32_t kTmaBytesQdO =
+  // Bytes landing on one Q / dO pipeline stage's barrier: Q, dO and the rows' lse / D.
+  static constexpr uint32_t kTmaBytesPerStage =
       uint32_t(kBlockM) * (kHeadDim + kHeadDimV) * sizeof(Element) + 2 * kRowStatBytes;
   static constexpr uint32_t kTmaBytesKV = uint32_t(kBlockN) * (kHeadDim + kHeadDimV) * sizeof(Element);
   // dQ partial per thread (fragment order in the workspace, float4 granules).
