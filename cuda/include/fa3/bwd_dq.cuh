@@ -9,15 +9,18 @@
 // contiguous slice per consumer warpgroup: granule g (4 floats) of thread t of warpgroup w at float offset
 // ((w * granules + g) * 128 + t) * 4, so a warp's 32 granules cover 512 contiguous bytes and a warpgroup's slice is
 // one contiguous range. Two ways to add it:
-//  - bulk (non-deterministic, Traits::kdQViaSmem): the warpgroup stages its slice in SMEM and one thread issues a
-//    single cp.reduce.async.bulk add of the whole slice. The TMA unit performs the adds and the registers are free at
-//    once (per-thread red.global.add.v4 kept ~14 % of all warp samples stalled on register release at d=128, ncu).
+//  - bulk (non-deterministic, Traits::kdQViaSmem): the warpgroup stages its slice in SMEM and hands it to the dQ
+//    writer, a warp of the producer warpgroup, which issues one cp.reduce.async.bulk add of the whole slice. The TMA
+//    unit performs the adds and the registers are free at once (per-thread red.global.add.v4 kept ~14 % of all warp
+//    samples stalled on register release at d=128, ncu); the consumers only store and signal (issuing the add
+//    themselves, behind a warpgroup barrier, measured 2-8 % slower at d=128, NOTES_bwd.md v6).
 //  - registers: red.global.add.v4.f32 per granule, straight from the accumulator (other head dims, deterministic).
 // Deterministic mode orders the CTAs adding into one tile by a per-tile semaphore: key block n adds when the
 // counter equals n - n_first(m), then increments it.
 #pragma once
 
 #include "cute/tensor.hpp"
+#include "cutlass/arch/barrier.h"
 
 namespace fa3 {
 namespace bwd {
@@ -77,16 +80,20 @@ CUTE_DEVICE int ld_acquire(const int* p) {
 }
 
 // Named barriers. Ids 0-7 are CUTLASS's reserved ones; named barriers are per CTA, so the forward kernel's ids cannot
-// interact with these. kConsumers: both consumer warpgroups (256 threads); kWarpgroup + w: warpgroup w alone.
-enum class BwdBarrier : int { kConsumers = 8, kWarpgroup = 9 };
+// interact with these. kConsumers: both consumer warpgroups (256 threads). Bulk dQ handoff between consumer
+// warpgroup w and the writer warp (128 + 32 threads): kdQFull + w (w's SMEM slice holds the iteration's partial),
+// kdQEmpty + w (the previous add has read it).
+enum class BwdBarrier : int { kConsumers = 8, kdQFull = 9, kdQEmpty = 11 };
+constexpr int kdQHandoffThreads = 128 + 32;
 
-CUTE_DEVICE void consumer_sync() {
-  asm volatile("bar.sync %0, %1;" ::"r"(int(BwdBarrier::kConsumers)), "r"(256) : "memory");
+CUTE_DEVICE void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+CUTE_DEVICE void named_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
 
-CUTE_DEVICE void warpgroup_sync(int consumer_wg) {
-  asm volatile("bar.sync %0, %1;" ::"r"(int(BwdBarrier::kWarpgroup) + consumer_wg), "r"(128) : "memory");
-}
+CUTE_DEVICE void consumer_sync() { named_sync(int(BwdBarrier::kConsumers), 256); }
 
 // Float offset of granule g of consumer thread tid (0..255) in a dQ tile (layout above).
 template <int kGranules>
@@ -130,11 +137,49 @@ CUTE_DEVICE void bulk_reduce_add_f32(float* gdst, const float* ssrc, uint32_t by
   asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }
 
-// This thread's bulk groups have finished reading their SMEM source (the buffer may be rewritten).
-CUTE_DEVICE void bulk_wait_source_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// All but this thread's newest kPending bulk groups have finished reading their SMEM source.
+template <int kPending>
+CUTE_DEVICE void bulk_wait_source_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
 
 // This thread's bulk groups are complete.
 CUTE_DEVICE void bulk_wait_complete() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// Consumer side of the bulk path: stage warpgroup w's slice once the writer has read the previous one, then hand
+// it over.
+template <class Tensor>
+CUTE_DEVICE void dq_hand_off(Tensor const& frag, float* smem_tile, int tid) {
+  const int w = tid / 128;
+  named_sync(int(BwdBarrier::kdQEmpty) + w, kdQHandoffThreads);
+  dq_stage(frag, smem_tile, tid);
+  cutlass::arch::fence_view_async_shared();  // generic SMEM writes -> the bulk copy's async proxy
+  named_arrive(int(BwdBarrier::kdQFull) + w, kdQHandoffThreads);
+}
+
+// The dQ writer warp: for each of the CTA's n_iters (query head, M-block) tiles, in the consumers' order, one bulk
+// reduce-add per consumer warpgroup's slice (kSliceFloats floats) into the workspace tile tile_of(head, m_block).
+// Each slice is released as soon as it has been read, and the warp leaves only when its adds are complete (their
+// SMEM source must outlive them).
+template <int kSliceFloats, class TileOf>
+CUTE_DEVICE void dq_writer(const float* smem_tile, QueryTileCursor t, int n_iters, TileOf&& tile_of) {
+  const bool leader = cute::elect_one_sync();
+  for (int w = 0; w < 2; ++w) named_arrive(int(BwdBarrier::kdQEmpty) + w, kdQHandoffThreads);
+  for (int it = 0; it < n_iters; ++it, t.next()) {
+    float* tile = tile_of(t.head, t.m_block);
+    for (int w = 0; w < 2; ++w) {
+      named_sync(int(BwdBarrier::kdQFull) + w, kdQHandoffThreads);
+      if (leader) bulk_reduce_add_f32(tile + w * kSliceFloats, smem_tile + w * kSliceFloats, kSliceFloats * 4);
+    }
+    if (leader) bulk_wait_source_read<1>();
+    __syncwarp();
+    named_arrive(int(BwdBarrier::kdQEmpty), kdQHandoffThreads);
+    if (leader) bulk_wait_source_read<0>();
+    __syncwarp();
+    named_arrive(int(BwdBarrier::kdQEmpty) + 1, kdQHandoffThreads);
+  }
+  if (leader) bulk_wait_complete();
+}
 
 // Deterministic mode: wait until it is this CTA's turn on the tile's counter. A spin budget turns a logic error
 // into a trap (launch failure) instead of a hung GPU.

@@ -1,8 +1,8 @@
 // Backward main kernel (KERNELS.md §4.2): one CTA per (key block, kv head, batch), KV-stationary.
 //
 // Warpgroup 0 is the producer: thread 0 loads K and V once (one transaction barrier), then streams Q, dO and the
-// rows' lse / D of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline. Warpgroups
-// 1-2 consume, in one of two forms (bwd_traits.cuh):
+// rows' lse / D of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline; on the bulk
+// dQ path its warp 1 is the dQ writer (bwd_dq.cuh). Warpgroups 1-2 consume, in one of two forms (bwd_traits.cuh):
 //   RS (d <= 128)                         SS (d = 192, 256)
 //   S^T = K Q^T, dP^T = V dO^T            S = Q K^T, dP = dO V^T               (SS, accumulators in registers)
 //   P^T, dS^T elementwise                 P, dS elementwise                    (bwd_mainloop.cuh)
@@ -57,6 +57,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   const int n_iters = m_count * args.group;
   const int warp_group = threadIdx.x / 128;
   const int rows_padded = args.num_m_blocks * kBlockM;  // rows per (batch, head) of the lse / D workspace
+  // Bulk dQ path (bwd_dq.cuh): consumers stage their dQ partials in SMEM, the writer warp adds them.
+  const bool dq_bulk = Traits::kdQViaSmem && !args.deterministic;
+  auto dq_tile_of = [&](int head, int m_block) {
+    return args.dq_accum + ((size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block) * (kBlockM * kHeadDim);
+  };
 
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = Traits::kTmaBytesPerStage;
@@ -76,7 +81,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   if (warp_group == 0) {
     // ---------------- producer ----------------
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-    if (threadIdx.x != 0 || n_iters == 0) return;
+    if (n_iters == 0) return;
+    if constexpr (Traits::kdQViaSmem) {
+      if (dq_bulk && threadIdx.x / 32 == 1) {
+        dq_writer<Traits::kdQPerThread * 128>(ss.dq.data(), QueryTileCursor{kv_head * args.group, mr.lo, mr.lo, mr.hi},
+                                              n_iters, dq_tile_of);
+        return;
+      }
+    }
+    if (threadIdx.x != 0) return;
     Tensor mK = args.tma_k.get_tma_tensor(args.shape_k);
     Tensor mV = args.tma_v.get_tma_tensor(args.shape_v);
     Tensor gK = local_tile(mK(_, _, kv_head, bidb), Shape<BN, D>{}, make_coord(n_block, _0{}));
@@ -169,29 +182,17 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     copy(copy_pds, thr_copy_pds.retile_S(half), dst(_, _, _, buf));
   };
 
-  const int consumer_wg = tid / 128;
-  // Bulk dQ path: thread 0 of each consumer warpgroup issues its slice's reduce-add (bwd_dq.cuh).
-  const bool dq_bulk = Traits::kdQViaSmem && !args.deterministic;
-  const bool dq_issuer = dq_bulk && (tid & 127) == 0;
-  constexpr int kdQSliceBytes = Traits::kdQPerThread * 128 * int(sizeof(float));
   // Adds this iteration's dQ partial into its workspace tile.
   auto add_dq = [&](auto const& tdQrdQ, int head, int m_block) {
-    const size_t tile = (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
-    float* dq_tile = args.dq_accum + tile * (kBlockM * kHeadDim);
     if constexpr (Traits::kdQViaSmem) {
       if (dq_bulk) {
-        dq_stage(tdQrdQ, ss.dq.data(), tid);
-        cutlass::arch::fence_view_async_shared();  // generic SMEM writes -> the bulk copy's async proxy
-        warpgroup_sync(consumer_wg);
-        if (dq_issuer) {
-          const int slice = consumer_wg * (kdQSliceBytes / int(sizeof(float)));
-          bulk_reduce_add_f32(dq_tile + slice, ss.dq.data() + slice, kdQSliceBytes);
-        }
+        dq_hand_off(tdQrdQ, ss.dq.data(), tid);
         return;
       }
     }
+    float* dq_tile = dq_tile_of(head, m_block);
     if (args.deterministic) {
-      int* sem = args.dq_sem + tile;
+      int* sem = args.dq_sem + (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
       dq_wait_turn(sem, n_block - first_n_for_m(m_block, kBlockN, kBlockM, args.win_lo), tid);
       dq_accumulate(tdQrdQ, dq_tile, tid);
       dq_pass_turn(sem, tid);
@@ -242,10 +243,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
         store_pds(rdS, tdSsdS, pds);
         Tensor tdVrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
         issue_gemm<false>(mma_dv, tdVrP, tdVrdOt(_, _, _, stage), tdVrdV);
-        // Generic-proxy SMEM writes must be visible to the async proxy (WGMMA) of both warpgroups; the previous
-        // iteration's bulk dQ add must have read the SMEM tile before anyone rewrites it (after the barrier).
+        // Generic-proxy SMEM writes must be visible to the async proxy (WGMMA) of both warpgroups.
         cutlass::arch::fence_view_async_shared();
-        if (dq_issuer) bulk_wait_source_read();
         consumer_sync();
         Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
         issue_gemm<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
@@ -270,8 +269,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
         if constexpr (Traits::kStagesPdS == 1) consumer_sync();
         store_pds(rP, tPsP, pds);
         store_pds(rdS, tdSsdS, pds);
-        cutlass::arch::fence_view_async_shared();  // proxy fence and bulk-source wait as in the RS branch
-        if (dq_issuer) bulk_wait_source_read();
+        cutlass::arch::fence_view_async_shared();  // as in the RS branch
         consumer_sync();
         Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
         issue_gemm<false>(mma_dv, tdVrPt(_, _, _, pds), tdVrdOt(_, _, _, stage), tdVrdV);
@@ -283,8 +281,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
         add_dq(tdQrdQ, head, m_block);
       }
     }
-    // The SMEM source of the last bulk add must stay valid until it has been read; finish the adds before exit.
-    if (dq_issuer) bulk_wait_complete();
   }
 
   // ---------------- epilogue: dK (scaled), dV straight from registers ----------------

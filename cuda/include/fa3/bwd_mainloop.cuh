@@ -31,6 +31,22 @@ CUTE_DEVICE void issue_gemm(TiledMma& mma, TA&& a, TB const& b, TC& c) {
   if constexpr (kRegA) warpgroup_fence_operand(a);
 }
 
+// Row statistics (lse, D) sit in SMEM, but their address reaches the elementwise code through the aligned cast of
+// the dynamic SMEM base, which hides the state space: plain dereferences compile to generic loads. Explicit
+// ld.shared keeps them on the shared path.
+CUTE_DEVICE float load_shared(const float* p) {
+  float v;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
+  return v;
+}
+CUTE_DEVICE float2 load_shared2(const float* p) {  // p 8-byte aligned
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+               : "=f"(v.x), "=f"(v.y)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))));
+  return v;
+}
+
 CUTE_DEVICE float tanh_approx(float x) {
   float y;
   asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -63,9 +79,8 @@ CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* 
       hi[mi] = min(q0 + r + win_hi, seqlen_k - 1) - k0;
     }
   }
-  auto entry = [&](int mi, int ni) {
+  auto entry = [&](int mi, int ni, float lse_q, float d_q) {
     const int c = get<1>(coords(mi, ni));
-    const int q = kTransposed ? c : get<0>(coords(mi, 0));
     float x = s(mi, ni);
     float dfac = 1.f;
     if constexpr (kSoftcap) {
@@ -75,24 +90,34 @@ CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* 
     } else {
       x = x * scale_log2;
     }
-    float p = exp2f(x - lse_log2[q]);
+    float p = exp2f(x - lse_q);
     if constexpr (kMask) p = (c < lo[mi] || c > hi[mi]) ? 0.f : p;
     s(mi, ni) = p;
-    dp(mi, ni) = kSoftcap ? p * (dp(mi, ni) - dsum[q]) * dfac : p * (dp(mi, ni) - dsum[q]);
+    dp(mi, ni) = kSoftcap ? p * (dp(mi, ni) - d_q) * dfac : p * (dp(mi, ni) - d_q);
   };
-  // Walk along the rows' statistics (queries) in the outer loop, so each query's lse and D are loaded once and die
-  // right after use (keeping all of a transposed tile's 2 x 16 values live costs ~100 B of spills at d=128).
   if constexpr (kTransposed) {
+    // Walk along the columns (queries) in the outer loop, so each query's lse and D are loaded once and die right
+    // after use (keeping all of a transposed tile's 2 x 16 values live costs ~100 B of spills at d=128). A thread
+    // holds its columns in adjacent pairs (the WGMMA accumulator layout), so the pair's statistics are one 8-byte
+    // load each.
+    static_assert(kCols % 2 == 0, "WGMMA accumulators hold column pairs");
     CUTE_UNROLL
-    for (int ni = 0; ni < kCols; ++ni) {
+    for (int ni = 0; ni < kCols; ni += 2) {
+      const int q = get<1>(coords(0, ni));
+      const float2 lse_q = load_shared2(lse_log2 + q), d_q = load_shared2(dsum + q);
       CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) entry(mi, ni);
+      for (int mi = 0; mi < kRows; ++mi) {
+        entry(mi, ni, lse_q.x, d_q.x);
+        entry(mi, ni + 1, lse_q.y, d_q.y);
+      }
     }
   } else {
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
+      const int q = get<0>(coords(mi, 0));
+      const float lse_q = load_shared(lse_log2 + q), d_q = load_shared(dsum + q);
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) entry(mi, ni);
+      for (int ni = 0; ni < kCols; ++ni) entry(mi, ni, lse_q, d_q);
     }
   }
 }

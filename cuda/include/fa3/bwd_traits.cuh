@@ -131,12 +131,12 @@ struct BwdTraits {
 
   using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
 
-  // dQ partial staged in SMEM for one bulk reduce-add per warpgroup (bwd_dq.cuh) where that was measured faster:
-  // d=128 (+7-10 % in the RS form), d=192 (+15-20 %: 12 vector reductions per thread otherwise). Per-thread
-  // reductions win at d=64 (bulk -10 % in the RS form) and d=96 (bulk -3 % in the RS form, +3 % in the old SS
-  // form): the iteration is short, and the extra warpgroup barrier and proxy fence cost more than the register
-  // release they buy. d=256 has no SMEM room for the fp32 tile.
-  static constexpr bool kdQViaSmem = kHeadDim == 128 || kHeadDim == 192;
+  // dQ partial staged in SMEM and added by the writer warp with one bulk reduce-add per warpgroup (bwd_dq.cuh) where
+  // that was measured faster than per-thread reductions: d=96 (+2-10 % with the writer warp; -3 % when the consumers
+  // issued the adds themselves), d=128 (+7-10 %), d=192 (+15-20 %: 12 vector reductions per thread otherwise). At
+  // d=64 both ways measure the same (within 1 %) with the writer, and reductions need no handoff. d=256 has no SMEM
+  // room for the fp32 tile.
+  static constexpr bool kdQViaSmem = kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 192;
   struct NoSmem {};
   using SmemdQ = std::conditional_t<kdQViaSmem, cute::array_aligned<float, kBlockM * kHeadDim, 128>, NoSmem>;
 
