@@ -1,16 +1,19 @@
-// Order in which the backward main kernel's CTAs (key block n, kv head, batch) are launched.
-//
-// Key block fastest (default), grid (num_n, kv_heads, batch): the CTAs of one (batch, kv head) pair run together and
-// walk the same Q / dO tiles, so L2 serves each tile to all of them.
-// Key block slowest (deterministic runs with a causal / local mask), 1-D grid, linear id = n * pairs + pair: key block
-// n adds into a dQ tile only after every lower key block of its pair did (bwd_dq.cuh). In the key-fastest order all
-// key blocks of a pair start together and key block n then waits for the lower ones to reach its first M-block (for
-// causal: two M-blocks per key block, a chain over the whole pair); key block slowest starts them in ascending n
-// across all pairs, which for causal is also longest-first. Measured (NOTES_bwd.md): +43-72 % for deterministic
-// causal; -15 % for deterministic non-causal at 2k and -2 to -35 % for non-deterministic masked runs (each CTA
-// streams its own Q / dO with little L2 sharing), so those keep the default.
-// Either way a CTA only waits for CTAs of the same pair with lower n, i.e. lower linear ids (resident or finished):
-// no deadlock.
+// Order in which the backward main kernel's CTAs (key block n, kv head, batch) are launched: a 1-D grid whose linear
+// id walks the (batch, kv head) pairs in groups of `group` pairs, and inside a group the key block slowest (key block
+// 0 of every pair of the group, then key block 1, ...).
+//  - group = 1 (unmasked runs): key block fastest. The CTAs of one pair run together and walk the same Q / dO tiles,
+//    so L2 serves each tile to all of them; every CTA has the same work.
+//  - group ~ SMs / num_n (non-deterministic causal / local runs): about one wave of CTAs per group keeps that L2
+//    sharing, and inside the group the heavy key blocks start first (for causal, key block n visits the M-blocks from
+//    its diagonal to the end, so lower n has more work): longest-first, which shortens the tail of the launch.
+//  - group = all pairs (deterministic causal / local runs): key block n adds into a dQ tile only after every lower key
+//    block of its pair did (bwd_dq.cuh). In the key-fastest order all key blocks of a pair start together and key block
+//    n then waits for the lower ones to reach its first M-block (for causal a chain over the whole pair); key block
+//    slowest starts them in ascending n across all pairs. Measured (NOTES_bwd.md): +43-72 % for deterministic causal;
+//    -15 % for deterministic non-causal at 2k (each CTA streams its own Q / dO with little L2 sharing), so unmasked
+//    runs keep group = 1.
+// In every order a CTA of key block n has a higher linear id than the lower key blocks of its pair, so the
+// deterministic mode's waits are on CTAs that are resident or finished: no deadlock.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -25,23 +28,21 @@ struct CtaCoord {
 };
 
 // Grid for the main kernel; false if it does not fit the launch limits.
-inline bool bwd_grid(int num_n, int kv_heads, int batch, bool key_block_slowest, dim3& grid) {
-  if (key_block_slowest) {
-    const long long ctas = (long long)num_n * kv_heads * batch;
-    if (ctas > 0x7fffffffLL) return false;
-    grid = dim3(unsigned(ctas));
-    return true;
-  }
-  if (kv_heads > 65535 || batch > 65535) return false;
-  grid = dim3(unsigned(num_n), unsigned(kv_heads), unsigned(batch));
+inline bool bwd_grid(int num_n, int kv_heads, int batch, dim3& grid) {
+  const long long ctas = (long long)num_n * kv_heads * batch;
+  if (ctas > 0x7fffffffLL) return false;
+  grid = dim3(unsigned(ctas));
   return true;
 }
 
-CUTE_DEVICE CtaCoord bwd_cta_coord(int kv_heads, int batch, bool key_block_slowest) {
-  if (!key_block_slowest) return CtaCoord{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+CUTE_DEVICE CtaCoord bwd_cta_coord(int num_n, int kv_heads, int batch, int group) {
   const int pairs = kv_heads * batch;
-  const int pair = int(blockIdx.x % unsigned(pairs));
-  return CtaCoord{int(blockIdx.x / unsigned(pairs)), pair % kv_heads, pair / kv_heads};
+  const unsigned per_group = unsigned(group) * unsigned(num_n);  // <= the CTA count (bwd_grid)
+  const int g = int(blockIdx.x / per_group);
+  const int r = int(blockIdx.x % per_group);
+  const int size = min(group, pairs - g * group);  // the last group may be partial
+  const int pair = g * group + r % size;
+  return CtaCoord{r / size, pair % kv_heads, pair / kv_heads};
 }
 
 }  // namespace bwd

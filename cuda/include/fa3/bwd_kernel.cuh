@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   SharedStorage& ss =
       *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-  const CtaCoord cta = bwd_cta_coord(args.kv_heads, args.batch, args.key_block_slowest);
+  const CtaCoord cta = bwd_cta_coord(args.num_n_blocks, args.kv_heads, args.batch, args.pairs_per_group);
   const int n_block = cta.n_block, kv_head = cta.kv_head, bidb = cta.batch;
   const Range mr = m_range_for_n(n_block, kBlockM, kBlockN, args.seqlen_q, args.seqlen_k, args.win_lo, args.win_hi);
   const int m_count = mr.hi >= mr.lo ? mr.hi - mr.lo + 1 : 0;

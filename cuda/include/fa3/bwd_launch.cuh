@@ -2,6 +2,7 @@
 // (preprocess, main, postprocess) on the caller's stream. No allocation, no synchronisation.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "cute/tensor.hpp"
@@ -64,6 +65,16 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   constexpr float kLog2e = 1.4426950408889634f;
   const bool has_softcap = p.softcap > 0.f;
 
+  constexpr int kSmem = Traits::kSmemBytes;
+  const LaunchSetup& setup = launch_setup<bwd::bwd_kernel<Traits>>(kSmem, p.device);
+  if (setup.err != cudaSuccess) return setup.err;
+  // CTA order (bwd_block_order.cuh): key block fastest without a mask; with one, key block slowest over all pairs for
+  // deterministic runs, and over groups of about one wave of CTAs otherwise.
+  const int pairs = p.kv_heads * p.batch;
+  const bool masked = !w.unbounded(p.seqlen_q, p.seqlen_k);
+  const int pairs_per_group =
+      !masked ? 1 : (p.deterministic ? pairs : std::min(pairs, std::max(1, setup.num_sms / num_n)));
+
   Args args{
       make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}),
                     Shape<typename Traits::BM, typename Traits::D>{}, _1{}),
@@ -85,17 +96,10 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
       p.softmax_scale,
       has_softcap,
       p.deterministic,
-      // Key block slowest for deterministic masked runs only: measured +43-72 % there (d=128 causal, 2k-16k), but
-      // -15 % for deterministic non-causal at 2k, where the key-fastest order's L2 sharing of Q / dO wins.
-      p.deterministic && !w.unbounded(p.seqlen_q, p.seqlen_k)};
+      pairs_per_group};
 
-  constexpr int kSmem = Traits::kSmemBytes;
-  const LaunchSetup& setup = launch_setup<bwd::bwd_kernel<Traits>>(kSmem, p.device);
-  if (setup.err != cudaSuccess) return setup.err;
-  // In either order a CTA only waits (deterministic dQ) for lower key blocks of its (head, batch), which have lower
-  // linear block ids and are therefore already resident or finished.
   dim3 grid;
-  if (!bwd::bwd_grid(num_n, p.kv_heads, p.batch, args.key_block_slowest, grid)) return cudaErrorInvalidConfiguration;
+  if (!bwd::bwd_grid(num_n, p.kv_heads, p.batch, grid)) return cudaErrorInvalidConfiguration;
   bwd::bwd_kernel<Traits><<<grid, dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;

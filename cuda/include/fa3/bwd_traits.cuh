@@ -200,7 +200,7 @@ struct BwdArgs {
   float softmax_scale;
   bool has_softcap;
   bool deterministic;
-  bool key_block_slowest;  // CTA order (bwd_block_order.cuh)
+  int pairs_per_group;    // CTA order (bwd_block_order.cuh)
 };
 
 }  // namespace bwd
