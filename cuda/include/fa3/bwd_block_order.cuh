@@ -16,6 +16,8 @@
 // deterministic mode's waits are on CTAs that are resident or finished: no deadlock.
 #pragma once
 
+#include <algorithm>
+
 #include <cuda_runtime_api.h>
 
 #include "cute/config.hpp"
@@ -33,6 +35,13 @@ inline bool bwd_grid(int num_n, int kv_heads, int batch, dim3& grid) {
   if (ctas > 0x7fffffffLL) return false;
   grid = dim3(unsigned(ctas));
   return true;
+}
+
+// Pairs per group (the policy above) for a run with num_n key blocks and `pairs` (batch, kv head) pairs.
+inline int bwd_pairs_per_group(int num_n, int pairs, bool masked, bool deterministic, int num_sms) {
+  if (!masked) return 1;
+  if (deterministic) return pairs;
+  return std::min(pairs, std::max(1, num_sms / num_n));
 }
 
 CUTE_DEVICE CtaCoord bwd_cta_coord(int num_n, int kv_heads, int batch, int group) {

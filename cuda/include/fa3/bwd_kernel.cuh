@@ -59,8 +59,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   const int rows_padded = args.num_m_blocks * kBlockM;  // rows per (batch, head) of the lse / D workspace
   // Bulk dQ path (bwd_dq.cuh): consumers stage their dQ partials in SMEM, the writer warp adds them.
   const bool dq_bulk = Traits::kdQViaSmem && !args.deterministic;
+  auto dq_tile_index = [&](int head, int m_block) {  // of the dQ workspace tile and its semaphore
+    return (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
+  };
   auto dq_tile_of = [&](int head, int m_block) {
-    return args.dq_accum + ((size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block) * (kBlockM * kHeadDim);
+    return args.dq_accum + dq_tile_index(head, m_block) * (kBlockM * kHeadDim);
   };
 
   typename Pipeline::Params pipe_params;
@@ -192,7 +195,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     }
     float* dq_tile = dq_tile_of(head, m_block);
     if (args.deterministic) {
-      int* sem = args.dq_sem + (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
+      int* sem = args.dq_sem + dq_tile_index(head, m_block);
       dq_wait_turn(sem, n_block - first_n_for_m(m_block, kBlockN, kBlockM, args.win_lo), tid);
       dq_accumulate(tdQrdQ, dq_tile, tid);
       dq_pass_turn(sem, tid);

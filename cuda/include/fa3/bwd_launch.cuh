@@ -2,7 +2,6 @@
 // (preprocess, main, postprocess) on the caller's stream. No allocation, no synchronisation.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
 
 #include "cute/tensor.hpp"
@@ -68,12 +67,9 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   const LaunchSetup& setup = launch_setup<bwd::bwd_kernel<Traits>>(kSmem, p.device);
   if (setup.err != cudaSuccess) return setup.err;
-  // CTA order (bwd_block_order.cuh): key block fastest without a mask; with one, key block slowest over all pairs for
-  // deterministic runs, and over groups of about one wave of CTAs otherwise.
-  const int pairs = p.kv_heads * p.batch;
   const bool masked = !w.unbounded(p.seqlen_q, p.seqlen_k);
-  const int pairs_per_group =
-      !masked ? 1 : (p.deterministic ? pairs : std::min(pairs, std::max(1, setup.num_sms / num_n)));
+  const int pairs_per_group =  // CTA order
+      bwd::bwd_pairs_per_group(num_n, p.kv_heads * p.batch, masked, p.deterministic, setup.num_sms);
 
   Args args{
       make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}),
