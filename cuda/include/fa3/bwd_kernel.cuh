@@ -286,24 +286,36 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     }
   }
 
-  // ---------------- epilogue: dK (scaled), dV straight from registers ----------------
-  // Rows past seqlen_k are dropped; column pairs are stored as 32-bit words.
-  auto store_grad = [&](auto const& acc, auto const& thr_mma, auto tile_shape, Element* out, float scale) {
-    constexpr int kDim = decltype(size<1>(tile_shape))::value;
-    Tensor coords = thr_mma.partition_C(make_identity_tensor(tile_shape));
-    Element* base = out + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kDim;
-    const size_t stride = size_t(args.kv_heads) * kDim;
+  // ---------------- epilogue: dK (scaled) and dV through SMEM ----------------
+  // The fragments go to the K / V buffers (free once every warpgroup's last GEMMs have retired), then out as whole
+  // 16-byte row chunks, as in the forward epilogue: stores straight from the accumulator fragments write 4 bytes per
+  // thread and use half of each 32-byte sector (ncu, NOTES_bwd.md v6). Rows past seqlen_k are dropped.
+  consumer_sync();
+  auto stage = [&](auto const& acc, auto const& thr_mma, auto& smem_tile, float scale) {
+    Tensor dst = thr_mma.partition_C(smem_tile);
     CUTE_UNROLL
-    for (int i = 0; i < size(acc); i += 2) {
-      const int row = n_block * kBlockN + get<0>(coords(i));
+    for (int i = 0; i < size(acc); ++i) dst(i) = Element(acc(i) * scale);
+  };
+  Tensor sdK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutdKOut{});
+  Tensor sdV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutdVOut{});
+  stage(tdKrdK, thr_dk, sdK, args.softmax_scale);
+  stage(tdVrdV, thr_dv, sdV, 1.f);
+  consumer_sync();
+  auto write_rows = [&](auto const& smem_tile, Element* out) {
+    constexpr int kDim = decltype(size<1>(smem_tile))::value;
+    constexpr int kChunksPerRow = kDim / 8;  // 16-byte chunks; the swizzle keeps each one contiguous
+    Element* base = out + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kDim;
+    const size_t row_stride = size_t(args.kv_heads) * kDim;
+    for (int idx = tid; idx < kBlockN * kChunksPerRow; idx += Traits::kNumMmaThreads) {
+      const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+      const int row = n_block * kBlockN + r;
       if (row < args.seqlen_k) {
-        Element v2[2] = {Element(acc(i) * scale), Element(acc(i + 1) * scale)};
-        *reinterpret_cast<uint32_t*>(base + row * stride + get<1>(coords(i))) = *reinterpret_cast<uint32_t*>(v2);
+        *reinterpret_cast<uint4*>(base + row * row_stride + c) = *reinterpret_cast<uint4 const*>(&smem_tile(r, c));
       }
     }
   };
-  store_grad(tdKrdK, thr_dk, Shape<BN, D>{}, args.dk, args.softmax_scale);
-  store_grad(tdVrdV, thr_dv, Shape<BN, DV>{}, args.dv, 1.f);
+  write_rows(sdK, args.dk);
+  write_rows(sdV, args.dv);
 }
 
 }  // namespace bwd

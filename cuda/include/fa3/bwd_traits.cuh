@@ -117,6 +117,12 @@ struct BwdTraits {
                                               Shape<BM, DV, Int<kStages>>{}));
   using SmemLayoutK = decltype(tile_to_shape(typename SmemAtomK<kSwK, Element>::type{}, Shape<BN, D>{}));
   using SmemLayoutV = decltype(tile_to_shape(typename SmemAtomK<kSwV, Element>::type{}, Shape<BN, DV>{}));
+  // The epilogue stages dK / dV in the K / V buffers through these views: their swizzle width divides the warpgroup's
+  // dK / dV N slice, which the load layouts' width need not (d=192: V is 64-wide, the dV slice 96 columns).
+  using SmemLayoutdKOut = decltype(tile_to_shape(
+      typename SmemAtomK<swizzle_width(kHeadDim, kdKN), Element>::type{}, Shape<BN, D>{}));
+  using SmemLayoutdVOut = decltype(tile_to_shape(
+      typename SmemAtomK<swizzle_width(kHeadDimV, kdVN), Element>::type{}, Shape<BN, DV>{}));
   // P and dS: (kBlockM x kBlockN), kBlockN contiguous; kBlockN is 64 or 128 so SW128 always fits.
   using SmemLayoutPdS = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Element>{},
                                                Shape<BM, BN, Int<kStagesPdS>>{}));
