@@ -8,8 +8,9 @@
 // Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned,
 //          resolved by Python), deterministic bool (bitwise-reproducible dq/dk/dv).
 //
-// Marked kCmdBufferCompatible for the forward's reasons (cuda/ffi/fwd.cu); the workspace is zeroed with
-// cudaMemsetAsync on the stream, which a graph captures as a memset node.
+// Marked kCmdBufferCompatible for the forward's reasons (cuda/ffi/fwd.cu); the workspace is zeroed by the preprocess
+// kernel and, for the deterministic semaphores, cudaMemsetAsync on the stream, which a graph captures as a memset
+// node.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>

@@ -34,17 +34,20 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   const int num_n = (p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   const int rows_padded = num_m * Traits::kBlockM;
 
-  cudaError_t err = cudaMemsetAsync(wbase, 0, size_t(ws.zero_bytes), stream);
-  if (err != cudaSuccess) return err;
+  cudaError_t err = cudaSuccess;
+  if (ws.zero_bytes > 0) {  // the deterministic mode's semaphores; the preprocess zeroes the dQ accumulator
+    err = cudaMemsetAsync(wbase, 0, size_t(ws.zero_bytes), stream);
+    if (err != cudaSuccess) return err;
+  }
 
   {
     const long long total_rows = (long long)p.batch * p.heads * rows_padded;
-    const long long blocks = (total_rows + 7) / 8;
+    const long long blocks = (total_rows + bwd::kPreprocessRowsPerBlock - 1) / bwd::kPreprocessRowsPerBlock;
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-    bwd::bwd_preprocess_kernel<Element, kHeadDimV><<<unsigned(blocks), 256, 0, stream>>>(
+    bwd::bwd_preprocess_kernel<Element, kHeadDim, kHeadDimV><<<unsigned(blocks), 256, 0, stream>>>(
         static_cast<const Element*>(p.dout), static_cast<const Element*>(p.out), p.lse,
-        reinterpret_cast<float*>(wbase + ws.lse), reinterpret_cast<float*>(wbase + ws.dsum), p.seqlen_q, p.heads,
-        rows_padded, total_rows);
+        reinterpret_cast<float*>(wbase + ws.lse), reinterpret_cast<float*>(wbase + ws.dsum),
+        reinterpret_cast<float*>(wbase + ws.dq), p.seqlen_q, p.heads, rows_padded, total_rows);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -47,12 +47,13 @@ constexpr int bwd_block_n(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 
 // Workspace sections (byte offsets, each 256-aligned):
 //   [sem]  int32 per (b, h, m-block): deterministic dQ turn counters            (zeroed; deterministic only)
-//   [dq]   fp32 dQ accumulator, per (b, h, m-block) one kBlockM x d tile in MMA-fragment order (zeroed)
+//   [dq]   fp32 dQ accumulator, per (b, h, m-block) one kBlockM x d tile in MMA-fragment order (zeroed by the
+//          preprocess)
 //   [lse]  fp32 lse * log2(e) per (b, h, row), rows padded to whole M-blocks (-inf -> 0, padding -> +inf)
 //   [dsum] fp32 D = rowsum(dO * O), same shape (padding -> 0)
 struct BwdWorkspaceLayout {
   int64_t sem = 0, dq = 0, lse = 0, dsum = 0, total = 0;
-  int64_t zero_bytes = 0;  // [0, zero_bytes) must be zero before the main kernel
+  int64_t zero_bytes = 0;  // [0, zero_bytes) is zeroed by a memset (the semaphores; the preprocess zeroes [dq])
 };
 
 inline BwdWorkspaceLayout bwd_workspace_layout(int64_t batch, int64_t seqlen_q, int64_t heads, int64_t head_dim,
@@ -67,7 +68,7 @@ inline BwdWorkspaceLayout bwd_workspace_layout(int64_t batch, int64_t seqlen_q, 
   w.lse = w.dq + align(rows * head_dim * 4);
   w.dsum = w.lse + align(rows * 4);
   w.total = w.dsum + align(rows * 4);
-  w.zero_bytes = w.lse;
+  w.zero_bytes = w.dq;
   return w;
 }
 

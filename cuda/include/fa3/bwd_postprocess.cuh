@@ -10,7 +10,10 @@
 namespace fa3 {
 namespace bwd {
 
-// grid (m_blocks, heads, batch), 256 threads (one per consumer thread of the main kernel).
+// grid (m_blocks, heads, batch), 256 threads (one per consumer thread of the main kernel). The converted tile is
+// transposed to row-major through SMEM and written as whole 16-byte row chunks: stored straight from the fragment
+// positions, each warp store covered 16 of every 32 bytes of its sectors, and the kernel ran at ~60 % of HBM
+// bandwidth (NOTES_bwd.md v7). The row pitch is padded by 16 bytes, which spreads the fragment rows over all banks.
 template <class Traits>
 __global__ void __launch_bounds__(256) bwd_postprocess_kernel(const float* __restrict__ dq_accum,
                                                               typename Traits::Element* __restrict__ dq,
@@ -18,6 +21,8 @@ __global__ void __launch_bounds__(256) bwd_postprocess_kernel(const float* __res
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kHeadDim = Traits::kHeadDim;
+  constexpr int kPitch = kHeadDim + 8;  // elements
+  __shared__ alignas(16) Element tile[kBlockM * kPitch];
   const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x;
   typename Traits::TiledMmadQ mma;
@@ -25,20 +30,26 @@ __global__ void __launch_bounds__(256) bwd_postprocess_kernel(const float* __res
   Tensor coords = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   static_assert(decltype(size(coords))::value == Traits::kdQPerThread);
   const float* src = dq_accum + ((size_t(b) * heads + h) * gridDim.x + m_block) * (kBlockM * kHeadDim);
-  const size_t row_stride = size_t(heads) * kHeadDim;
-  Element* dst = dq + (size_t(b) * seqlen_q * heads + h) * kHeadDim;
   CUTE_UNROLL
   for (int g = 0; g < Traits::kdQPerThread / 4; ++g) {
     const float4 v = *reinterpret_cast<const float4*>(src + dq_granule_offset<Traits::kdQPerThread / 4>(g, tid));
     const float vals[4] = {v.x, v.y, v.z, v.w};
     CUTE_UNROLL
-    for (int e = 0; e < 4; e += 2) {
-      const int row = m_block * kBlockM + get<0>(coords(g * 4 + e));
-      const int col = get<1>(coords(g * 4 + e));
-      if (row < seqlen_q) {
-        Element pair[2] = {Element(vals[e] * scale), Element(vals[e + 1] * scale)};
-        *reinterpret_cast<uint32_t*>(dst + row * row_stride + col) = *reinterpret_cast<uint32_t*>(pair);
-      }
+    for (int e = 0; e < 4; e += 2) {  // fragment values e, e + 1 are adjacent columns of one row
+      Element pair[2] = {Element(vals[e] * scale), Element(vals[e + 1] * scale)};
+      *reinterpret_cast<uint32_t*>(&tile[get<0>(coords(g * 4 + e)) * kPitch + get<1>(coords(g * 4 + e))]) =
+          *reinterpret_cast<uint32_t*>(pair);
+    }
+  }
+  __syncthreads();
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  const size_t row_stride = size_t(heads) * kHeadDim;
+  Element* dst = dq + (size_t(b) * seqlen_q * heads + h) * kHeadDim;
+  for (int idx = tid; idx < kBlockM * kChunksPerRow; idx += 256) {
+    const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+    const int row = m_block * kBlockM + r;
+    if (row < seqlen_q) {
+      *reinterpret_cast<uint4*>(dst + row * row_stride + c) = *reinterpret_cast<const uint4*>(&tile[r * kPitch + c]);
     }
   }
 }
