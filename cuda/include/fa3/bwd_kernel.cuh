@@ -290,16 +290,21 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   // The fragments go to the K / V buffers (free once every warpgroup's last GEMMs have retired), then out as whole
   // 16-byte row chunks, as in the forward epilogue: stores straight from the accumulator fragments write 4 bytes per
   // thread and use half of each 32-byte sector (ncu, NOTES_bwd.md v6). Rows past seqlen_k are dropped.
+  // The fragments are staged with stmatrix (16 bytes per thread and instruction, as P / dS are).
   consumer_sync();
-  auto stage = [&](auto const& acc, auto const& thr_mma, auto& smem_tile, float scale) {
-    Tensor dst = thr_mma.partition_C(smem_tile);
+  auto stage = [&](auto& acc, auto const& mma, auto& smem_tile, float scale) {
     CUTE_UNROLL
-    for (int i = 0; i < size(acc); ++i) dst(i) = Element(acc(i) * scale);
+    for (int i = 0; i < size(acc); ++i) acc(i) *= scale;
+    Tensor converted = convert_fragment<Element>(acc);
+    auto copy_out = make_tiled_copy_C(Copy_Atom<SM90_U32x4_STSM_N, Element>{}, mma);
+    auto thr_copy_out = copy_out.get_thread_slice(tid);
+    copy(copy_out, thr_copy_out.retile_S(converted),
+         thr_copy_out.partition_D(as_position_independent_swizzle_tensor(smem_tile)));
   };
   Tensor sdK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutdKOut{});
   Tensor sdV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutdVOut{});
-  stage(tdKrdK, thr_dk, sdK, args.softmax_scale);
-  stage(tdVrdV, thr_dv, sdV, 1.f);
+  stage(tdKrdK, mma_dk, sdK, args.softmax_scale);
+  stage(tdVrdV, mma_dv, sdV, 1.f);
   consumer_sync();
   auto write_rows = [&](auto const& smem_tile, Element* out) {
     constexpr int kDim = decltype(size<1>(smem_tile))::value;
