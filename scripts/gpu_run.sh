@@ -23,9 +23,15 @@ export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 NO_AUTOTUNE="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 status=0
 
-if [ -d "$WHEELS" ] && ! [ -d /tmp/site/cutlass_library ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$WHEELS"/*.whl || exit 1
+# A warm machine keeps /tmp/site from an earlier call, which may have carried fewer wheels: install each wheel whose
+# stamp is missing (a call that carried only CUTLASS once left the next call's benchmark without its FA3 peer).
+if [ -d "$WHEELS" ]; then
+  for whl in "$WHEELS"/*.whl; do
+    stamp=/tmp/site/.installed_$(basename "$whl")
+    [ -f "$stamp" ] && continue
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$whl" \
+      && touch "$stamp" || exit 1
+  done
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv \
   > "$OUT/gpu.txt" 2>&1
