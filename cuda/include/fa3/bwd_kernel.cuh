@@ -287,10 +287,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   }
 
   // ---------------- epilogue: dK (scaled) and dV through SMEM ----------------
-  // The fragments go to the K / V buffers (free once every warpgroup's last GEMMs have retired), then out as whole
-  // 16-byte row chunks, as in the forward epilogue: stores straight from the accumulator fragments write 4 bytes per
-  // thread and use half of each 32-byte sector (ncu, NOTES_bwd.md v6). Rows past seqlen_k are dropped.
-  // The fragments are staged with stmatrix (16 bytes per thread and instruction, as P / dS are).
+  // The accumulators are staged with stmatrix in the K / V buffers (free once both warpgroups' last GEMMs have
+  // retired) and leave as whole 16-byte row chunks; rows past seqlen_k are dropped. Stores straight from the fragment
+  // positions (4 bytes per thread, half of each 32-byte sector) made the main kernel ~3 us longer per CTA
+  // (NOTES_bwd.md v7: 675 -> 628 us at d=128 causal 2k, ~15.5 CTAs per SM).
   consumer_sync();
   auto stage = [&](auto& acc, auto const& mma, auto& smem_tile, float scale) {
     CUTE_UNROLL
