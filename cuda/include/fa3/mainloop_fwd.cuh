@@ -100,20 +100,12 @@ struct FwdMainloop {
     if (tiles_loaded > 0) cutlass::arch::ClusterBarrier::wait(&smem.bar_q_empty, uint32_t(tiles_loaded - 1) & 1u);
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&smem.bar_q, Traits::kBytesQ);
     copy(args.tma_q.with(smem.bar_q), tQg, tQs);
-    if constexpr (Traits::Tile::kIntraWGOverlap) {
-      // K runs one block ahead of V: the consumers' iteration n needs K_n and V_{n+1} (intra-warpgroup overlap).
-      for (int n = range.n_max - 2; n >= range.n_min; --n) {
-        load_k(n);
-        load_v(n + 1);
-      }
-      load_v(range.n_min);
-    } else {
-      load_v(range.n_max - 1);
-      for (int n = range.n_max - 2; n >= range.n_min; --n) {
-        load_k(n);
-        load_v(n);
-      }
+    // K runs one block ahead of V: the consumers' iteration n needs K_n and V_{n+1} (intra-warpgroup overlap).
+    for (int n = range.n_max - 2; n >= range.n_min; --n) {
+      load_k(n);
+      load_v(n + 1);
     }
+    load_v(range.n_min);
   }
 
   // Pingpong turns (§2 v3) run as one alternating sequence over all tiles of the CTA: warpgroup 0 issues first,
@@ -131,28 +123,36 @@ struct FwdMainloop {
     }
   }
 
-  // Consumer state of one thread: O accumulator and softmax statistics (2 rows per thread).
+  // Consumer part of one tile with a non-empty range. tOrO and softmax: this thread's O accumulator (zero) and
+  // statistics (2 rows per thread); q_phase: parity of the tile's Q load (tiles this CTA computed before, mod 2).
   //
   // Intra-warpgroup overlap (§2 v4): iteration n issues S = Q K_n^T and O += P_{n+1} V_{n+1} back to back, then
   // runs the softmax of S_n while the P V GEMM is still in flight; O is rescaled once that GEMM has retired.
   // Pingpong (§2 v3, kPingpong): each warpgroup waits for its turn before issuing an iteration's GEMMs and hands
   // the turn to the other warpgroup right after issuing, so one warpgroup's softmax overlaps the other's GEMMs.
   template <class FragO>
-  CUTE_DEVICE static void mma_overlap(Args const& args, Storage& smem, int thread_idx, int m_block,
-                                      BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
-                                      PipeStates& st, uint32_t q_phase) {
+  CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block,
+                              BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
+                              PipeStates& st, uint32_t q_phase) {
     using namespace cute;
     constexpr bool kPingpong = Traits::Tile::kPingpong;
     typename Traits::TiledMmaQK mma_qk;
     typename Traits::TiledMmaPV mma_pv;
     auto thr_qk = mma_qk.get_slice(thread_idx);
-    auto thr_pv = mma_pv.get_slice(thread_idx);
+    // The SMEM operand descriptors depend only on the warpgroup. Sliced per thread, d >= 192 had its 12-16
+    // loop-invariant Q descriptors (64-bit each) hoisted into ordinary registers and spilled (d=256: 248 B, ptxas);
+    // sliced with a warp-uniform index they live in uniform registers, spill-free. At d <= 128 the per-thread slice
+    // measured faster (d=128 non-causal 1k-4k by 5-10 %, H100, benchmarks/NOTES_fwd.md v6), so it stays there.
+    const int operand_thread =
+        Traits::kHeadDim > 128 ? __shfl_sync(0xffffffff, thread_idx / 128, 0) * 128 : thread_idx;
+    auto operands_qk = mma_qk.get_slice(operand_thread);
+    auto operands_pv = mma_pv.get_slice(operand_thread);
     Tensor sQ = make_tensor(make_smem_ptr(smem.qo.q_data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
     Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
-    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
-    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
+    Tensor tSrQ = operands_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
+    Tensor tSrK = operands_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
+    Tensor tOrV = operands_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
     Tensor cS = make_identity_tensor(Shape<typename Traits::BM, typename Traits::BN>{});
     Tensor tScS = thr_qk.partition_C(cS);
     Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
@@ -248,83 +248,6 @@ struct FwdMainloop {
     warpgroup_wait<0>();
     smem.pipe_v.consumer_release(st_v);
     st_v.advance();
-  }
-
-  // Serial consumer loop (§2 v2): each GEMM is waited on before the next step. Used where the overlapped loop
-  // does not fit in registers (kIntraWGOverlap == false).
-  template <class FragO>
-  CUTE_DEVICE static void mma_serial(Args const& args, Storage& smem, int thread_idx, int m_block,
-                                     BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
-                                     PipeStates& st, uint32_t q_phase) {
-    using namespace cute;
-    typename Traits::TiledMmaQK mma_qk;
-    typename Traits::TiledMmaPV mma_pv;
-    auto thr_qk = mma_qk.get_slice(thread_idx);
-    auto thr_pv = mma_pv.get_slice(thread_idx);
-    Tensor sQ = make_tensor(make_smem_ptr(smem.qo.q_data()), typename Traits::SmemLayoutQ{});
-    Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
-    Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
-    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K) descriptors
-    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, stages)
-    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, stages)
-    Tensor cS = make_identity_tensor(Shape<typename Traits::BM, typename Traits::BN>{});
-    Tensor tScS = thr_qk.partition_C(cS);
-    Tensor tScS_rc = make_tensor(tScS.data(), acc_rowcol(tScS.layout()));
-    Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
-
-    const int off = args.seqlen_k - args.seqlen_q;
-    const int row0 = m_block * kBlockM;
-
-    // One KV block. kMasked: boundary block (diagonal, window edge or seqlen_k tail).
-    auto step = [&](int n, auto masked) {
-      constexpr bool kMasked = decltype(masked)::value;
-      Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
-      smem.pipe_k.consumer_wait(st.k);
-      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st.k.index), tSrS);
-      warpgroup_wait<0>();
-      smem.pipe_k.consumer_release(st.k);
-      st.k.advance();
-      if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);
-      Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
-      if constexpr (kMasked) {
-        apply_mask(s_rc, tScS_rc, row0, n * kBlockN, args.seqlen_k, off, args.window_left, args.window_right);
-      }
-      float rescale[2];
-      softmax.update(s_rc, rescale);
-      CUTE_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        CUTE_UNROLL
-        for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= rescale[r];
-      }
-      Tensor rP = convert_fragment<Element>(tSrS);
-      Tensor tOrP = make_tensor(rP.data(), acc_as_a_operand(rP.layout()));
-      smem.pipe_v.consumer_wait(st.v);
-      wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st.v.index), tOrO);
-      warpgroup_wait<0>();
-      smem.pipe_v.consumer_release(st.v);
-      st.v.advance();
-    };
-
-    cutlass::arch::ClusterBarrier::wait(&smem.bar_q, q_phase);
-    int n = range.n_max - 1;
-    const int unmasked_hi = max(range.n_unmasked_max, range.n_min);
-    const int unmasked_lo = max(range.n_unmasked_min, range.n_min);
-    for (; n >= unmasked_hi; --n) step(n, cute::true_type{});
-    for (; n >= unmasked_lo; --n) step(n, cute::false_type{});
-    for (; n >= range.n_min; --n) step(n, cute::true_type{});
-    warp_arrive(&smem.bar_q_empty);  // every Q K^T of this warp has retired: Q's buffer is free
-  }
-
-  // Consumer part of one tile with a non-empty range. tOrO and softmax: this thread's O accumulator (zero) and
-  // statistics (2 rows per thread); q_phase: parity of the tile's Q load (tiles this CTA computed before, mod 2).
-  template <class FragO>
-  CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block, BlockRange const& range,
-                              FragO& tOrO, OnlineSoftmax<2>& softmax, PipeStates& st, uint32_t q_phase) {
-    if constexpr (Traits::Tile::kIntraWGOverlap) {
-      mma_overlap(args, smem, thread_idx, m_block, range, tOrO, softmax, st, q_phase);
-    } else {
-      mma_serial(args, smem, thread_idx, m_block, range, tOrO, softmax, st, q_phase);
-    }
   }
 };
 

@@ -23,14 +23,11 @@ struct FwdTileSize {
   static constexpr int kStages = 2;  // K and V each
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumThreads = 128 * (kNumMmaWarpGroups + 1);
-  // Intra-warpgroup overlap (§2 v4: P V of block n+1 in flight during the softmax of block n). Needs S, P and O
-  // live at once. Measured ptxas spills with it (nvcc 13.0): d=256 288 B stores / 404 B loads, d=192 80 / 168,
-  // (192,128) 12 / 88, d=96 28 / 124, d=64 and d=128 none. d >= 192 keep the serial v2 loop (GEMM descriptors of
-  // 12-16 k-slices and the larger O eat the 240-register budget); d=96 keeps the overlap: despite its spill it
-  // measured 5-10 % faster than the serial loop at 2k-16k (H200, benchmarks/NOTES_fwd.md).
-  static constexpr bool kIntraWGOverlap = kHeadDim <= 128;
+  // Every head dim runs the intra-warpgroup overlap (§2 v4: P V of block n+1 in flight during the softmax of block
+  // n; mainloop_fwd.cuh). d >= 192 used the serial v2 loop until the overlap compiled spill-free there (uniform
+  // SMEM descriptors); with it they measured 5-20 % faster at 2k-16k (H100, benchmarks/NOTES_fwd.md v6).
   // Pingpong between the two consumer warpgroups where GEMM and softmax times are comparable (FA3: d <= 128).
-  static constexpr bool kPingpong = kHeadDim <= 128 && kNumMmaWarpGroups == 2 && kIntraWGOverlap;
+  static constexpr bool kPingpong = kHeadDim <= 128 && kNumMmaWarpGroups == 2;
   // Persistent grid (§2 v5): one CTA per SM loops over tiles, the producer loading the next tile's Q and K while
   // the consumers finish the current one. Needs O in its own SMEM buffer (Q's is being refilled): d <= 128 has the
   // room (d=128: Q 32 + O 32 + K 64 + V 64 KB = 192 KB), d >= 192 does not (216-224 KB without it) and keeps one
