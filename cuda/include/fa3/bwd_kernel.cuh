@@ -288,9 +288,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
 
   // ---------------- epilogue: dK (scaled) and dV through SMEM ----------------
   // The accumulators are staged with stmatrix in the K / V buffers (free once both warpgroups' last GEMMs have
-  // retired) and leave as whole 16-byte row chunks; rows past seqlen_k are dropped. Stores straight from the fragment
-  // positions (4 bytes per thread, half of each 32-byte sector) made the main kernel ~3 us longer per CTA
-  // (NOTES_bwd.md v7: 675 -> 628 us at d=128 causal 2k, ~15.5 CTAs per SM).
+  // retired), then leave whole: by TMA store or as 16-byte row chunks (Traits::kTmaStoreDKV); rows past seqlen_k are
+  // dropped. Stores straight from the fragment positions (4 bytes per thread, half of each 32-byte sector) made the
+  // main kernel ~3 us longer per CTA (NOTES_bwd.md v7: 675 -> 628 us at d=128 causal 2k, ~15.5 CTAs per SM).
   consumer_sync();
   auto stage = [&](auto& acc, auto const& mma, auto& smem_tile, float scale) {
     CUTE_UNROLL
@@ -305,22 +305,38 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   Tensor sdV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutdVOut{});
   stage(tdKrdK, mma_dk, sdK, args.softmax_scale);
   stage(tdVrdV, mma_dv, sdV, 1.f);
-  consumer_sync();
-  auto write_rows = [&](auto const& smem_tile, Element* out) {
-    constexpr int kDim = decltype(size<1>(smem_tile))::value;
-    constexpr int kChunksPerRow = kDim / 8;  // 16-byte chunks; the swizzle keeps each one contiguous
-    Element* base = out + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kDim;
-    const size_t row_stride = size_t(args.kv_heads) * kDim;
-    for (int idx = tid; idx < kBlockN * kChunksPerRow; idx += Traits::kNumMmaThreads) {
-      const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
-      const int row = n_block * kBlockN + r;
-      if (row < args.seqlen_k) {
-        *reinterpret_cast<uint4*>(base + row * row_stride + c) = *reinterpret_cast<uint4 const*>(&smem_tile(r, c));
-      }
+  if constexpr (Traits::kTmaStoreDKV) {
+    cutlass::arch::fence_view_async_shared();  // generic-proxy SMEM writes, read next by the TMA (async proxy)
+    consumer_sync();
+    if (tid == 0) {
+      auto store = [&](auto const& tma, auto const& shape, auto const& smem_tile, auto tile_shape) {
+        Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, kv_head, bidb), tile_shape, make_coord(n_block, _0{}));
+        auto [dst, src] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem_tile), group_modes<0, 2>(g));
+        copy(tma, src, dst);
+      };
+      store(args.dkv_out.dk, args.shape_k, sdK, Shape<BN, D>{});
+      store(args.dkv_out.dv, args.shape_v, sdV, Shape<BN, DV>{});
+      tma_store_arrive();
+      tma_store_wait<0>();  // the SMEM source must outlive the copies' reads
     }
-  };
-  write_rows(sdK, args.dk);
-  write_rows(sdV, args.dv);
+  } else {
+    consumer_sync();
+    auto write_rows = [&](auto const& smem_tile, Element* out) {
+      constexpr int kDim = decltype(size<1>(smem_tile))::value;
+      constexpr int kChunksPerRow = kDim / 8;  // 16-byte chunks; the swizzle keeps each one contiguous
+      Element* base = out + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kDim;
+      const size_t row_stride = size_t(args.kv_heads) * kDim;
+      for (int idx = tid; idx < kBlockN * kChunksPerRow; idx += Traits::kNumMmaThreads) {
+        const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
+        const int row = n_block * kBlockN + r;
+        if (row < args.seqlen_k) {
+          *reinterpret_cast<uint4*>(base + row * row_stride + c) = *reinterpret_cast<uint4 const*>(&smem_tile(r, c));
+        }
+      }
+    };
+    write_rows(sdK, args.dkv_out.dk);
+    write_rows(sdV, args.dkv_out.dv);
+  }
 }
 
 }  // namespace bwd

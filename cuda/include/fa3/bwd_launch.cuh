@@ -52,10 +52,12 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
 
-  auto make_gmem = [](const void* ptr, int seqlen, int d, int heads, int batch) {
-    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
-                       typename Traits::ShapeQKV{seqlen, d, heads, batch},
+  auto bshd = [](int seqlen, int d, int heads, int batch) {  // (seqlen, d, heads, batch) view of a BSHD tensor
+    return make_layout(typename Traits::ShapeQKV{seqlen, d, heads, batch},
                        typename Traits::StrideQKV{int64_t(heads) * d, _1{}, int64_t(d), int64_t(seqlen) * heads * d});
+  };
+  auto make_gmem = [&](const void* ptr, int seqlen, int d, int heads, int batch) {
+    return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)), bshd(seqlen, d, heads, batch));
   };
   auto mQ = make_gmem(p.q, p.seqlen_q, kHeadDim, p.heads, p.batch);
   auto mdO = make_gmem(p.dout, p.seqlen_q, kHeadDimV, p.heads, p.batch);
@@ -74,6 +76,21 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   const int pairs_per_group =  // CTA order
       bwd::bwd_pairs_per_group(num_n, p.kv_heads * p.batch, masked, p.deterministic, setup.num_sms);
 
+  const auto dkv_out = [&] {
+    if constexpr (Traits::kTmaStoreDKV) {
+      auto out = [&](void* ptr, int d) {
+        return make_tensor(make_gmem_ptr(static_cast<Element*>(ptr)), bshd(p.seqlen_k, d, p.kv_heads, p.batch));
+      };
+      return bwd::BwdDKVOut<Traits>{
+          make_tma_copy(SM90_TMA_STORE{}, out(p.dk, kHeadDim), typename Traits::SmemLayoutdKOut{},
+                        Shape<typename Traits::BN, typename Traits::D>{}, _1{}),
+          make_tma_copy(SM90_TMA_STORE{}, out(p.dv, kHeadDimV), typename Traits::SmemLayoutdVOut{},
+                        Shape<typename Traits::BN, typename Traits::DV>{}, _1{})};
+    } else {
+      return bwd::BwdDKVOut<Traits>{static_cast<Element*>(p.dk), static_cast<Element*>(p.dv)};
+    }
+  }();
+
   Args args{
       make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}),
                     Shape<typename Traits::BM, typename Traits::D>{}, _1{}),
@@ -84,7 +101,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{}, mV, typename Traits::SmemLayoutV{},
                     Shape<typename Traits::BN, typename Traits::DV>{}, _1{}),
       mQ.shape(), mdO.shape(), mK.shape(), mV.shape(),
-      static_cast<Element*>(p.dk), static_cast<Element*>(p.dv),
+      dkv_out,
       reinterpret_cast<const float*>(wbase + ws.lse), reinterpret_cast<const float*>(wbase + ws.dsum),
       reinterpret_cast<float*>(wbase + ws.dq), p.deterministic ? reinterpret_cast<int*>(wbase + ws.sem) : nullptr,
       p.seqlen_q, p.seqlen_k, p.heads, p.kv_heads, p.batch, p.heads / p.kv_heads,

@@ -173,6 +173,13 @@ struct BwdTraits {
                                         _1{}));
   using TMA_K = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutK{}, Shape<BN, D>{}, _1{}));
   using TMA_V = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensor{}, SmemLayoutV{}, Shape<BN, DV>{}, _1{}));
+  // dK / dV leave their SMEM staging buffers (bwd_kernel.cuh epilogue) through TMA stores issued by one thread, which
+  // drop rows past seqlen_k (the tensor's extent), or as 16-byte row writes from every consumer thread. The TMA stores
+  // measured 2-3 % faster at d=64 and d=256, 0.3-4 % slower at d=128 (H100, benchmarks/NOTES_bwd.md v8).
+  static constexpr bool kTmaStoreDKV = kHeadDim != 128;
+  using GmemTensorOut = decltype(make_tensor(make_gmem_ptr(static_cast<Element*>(nullptr)), ShapeQKV{}, StrideQKV{}));
+  using TMA_dK = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensorOut{}, SmemLayoutdKOut{}, Shape<BN, D>{}, _1{}));
+  using TMA_dV = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensorOut{}, SmemLayoutdVOut{}, Shape<BN, DV>{}, _1{}));
   static constexpr uint32_t kRowStatBytes = uint32_t(kBlockM) * sizeof(float);
   // Bytes landing on one Q / dO pipeline stage's barrier: Q, dO and the rows' lse / D.
   static constexpr uint32_t kTmaBytesPerStage =
@@ -183,6 +190,18 @@ struct BwdTraits {
   static_assert(kdQPerThread % 4 == 0);
 };
 
+// Where dK / dV go (Traits::kTmaStoreDKV): TMA store descriptors, or the tensors' base pointers for row writes.
+template <class Traits, bool kTma = Traits::kTmaStoreDKV>
+struct BwdDKVOut {
+  typename Traits::TMA_dK dk;
+  typename Traits::TMA_dV dv;
+};
+template <class Traits>
+struct BwdDKVOut<Traits, false> {
+  typename Traits::Element* dk;
+  typename Traits::Element* dv;
+};
+
 // Kernel arguments (built once on the host by run_bwd).
 template <class Traits>
 struct BwdArgs {
@@ -191,9 +210,7 @@ struct BwdArgs {
   typename Traits::TMA_K tma_k;
   typename Traits::TMA_V tma_v;
   typename Traits::ShapeQKV shape_q, shape_do, shape_k, shape_v;
-  using Element = typename Traits::Element;
-  Element* dk;
-  Element* dv;
+  BwdDKVOut<Traits> dkv_out;
   const float* lse_log2;  // workspace
   const float* dsum;      // workspace
   float* dq_accum;        // workspace
