@@ -310,7 +310,7 @@ std::vector<Case> cases_for(const Kernel& kn, bool quick) {
   const bool main_cfg = kn.bf16 && kn.d == 128;
   if (!quick) {
     seqs.push_back({2048, 2048});
-    if (main_cfg || kn.d == 256) seqs.push_back({4224, 4224});
+    if (main_cfg || kn.d == 256 || kn.d == 64) seqs.push_back({4224, 4224});  // d=64: also its 192-row tile
   }
   std::vector<Case> out;
   for (const auto& sqk : seqs) {

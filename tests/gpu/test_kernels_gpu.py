@@ -55,6 +55,19 @@ def test_kernel_matches_reference(dtype, dims, mask, layout, seqlens):
   assert not failures, failures
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("mask", ["none", "causal", "local"])
+def test_head_dim_64_tall_and_short_tiles(dtype, mask):
+  """Head dim 64 runs a 192-row tile when the rows see long key spans (4224 tokens without a mask or causal) and the
+  128-row tile otherwise (the local window here): both against the reference."""
+  if not compiled("fwd", dtype, (64, 64)):
+    pytest.skip(f"fwd kernel {dtype} 64x64 not in this build")
+  results = testing.check_kernel(jnp.dtype(dtype), 64, 64, 4224, 4224, batch=1, heads=4, kv_heads=2, backward=False,
+                                 seed=7, **MASKS[mask])
+  failures = [msg for ok, msg in results if not ok]
+  assert not failures, failures
+
+
 def test_uncompiled_head_dim_runs_padded():
   dims = (72, 72)
   if not compiled("fwd", "bfloat16", (96, 96)):

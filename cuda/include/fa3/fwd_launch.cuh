@@ -14,15 +14,13 @@
 
 namespace fa3 {
 
-template <class Element, int kHeadDim, int kHeadDimV>
-cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+template <class Traits>
+cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t stream) {
   using namespace cute;
-  using Traits = FwdTraits<Element, kHeadDim, kHeadDimV>;
+  using Element = typename Traits::Element;
   using Args = FwdArgs<Traits>;
-  if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || p.seqlen_q < 1 || p.seqlen_k < 1 || p.batch < 1 ||
-      p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 || p.device >= kMaxDevices) {
-    return cudaErrorInvalidValue;
-  }
+  constexpr int kHeadDim = Traits::kHeadDim;
+  constexpr int kHeadDimV = Traits::kHeadDimV;
 
   auto make_gmem = [](const void* ptr, int seqlen, int d, int heads, int batch, int64_t row, int64_t head,
                       int64_t bat) {
@@ -36,7 +34,6 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   auto mV = make_gmem(p.v, p.seqlen_k, kHeadDimV, p.kv_heads, p.batch, p.v_row_stride, p.v_head_stride,
                       p.v_batch_stride);
 
-  const MaskWindow w = MaskWindow::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
   const int num_m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   if ((long long)num_m_blocks * p.heads * p.batch > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const FwdTileScheduler sched{num_m_blocks, p.heads, p.heads * p.batch};
@@ -69,6 +66,30 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   const long long ctas = Traits::kPersistent && items > setup.num_sms ? setup.num_sms : items;
   fwd_kernel<Traits><<<dim3(unsigned(ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   return cudaGetLastError();
+}
+
+// Whether a head-dim-64 call takes the 192-row tile: only when the rows see long key ranges, where its higher GEMM
+// share pays for the longer prologue and epilogue per tile (NOTES_fwd.md v6, H100: 192 rows won from 4k tokens up,
+// causal 4k at parity, and lost 16-22 % at causal 1k-2k). The middle query row's visible key count stands for the
+// mask's span: seqlen_k without a window, about seqlen_k / 2 causal, the window's width for local attention.
+inline bool fwd_tall_tile_pays(const FwdParams& p, const MaskWindow& w) {
+  const int64_t row = p.seqlen_q / 2, off = int64_t(p.seqlen_k) - p.seqlen_q;
+  const int64_t first_key = row + off - w.left > 0 ? row + off - w.left : 0;
+  const int64_t last_key = row + off + w.right < p.seqlen_k - 1 ? row + off + w.right : p.seqlen_k - 1;
+  return p.seqlen_q >= 4096 && last_key - first_key + 1 >= 2048;
+}
+
+template <class Element, int kHeadDim, int kHeadDimV>
+cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
+  if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || p.seqlen_q < 1 || p.seqlen_k < 1 || p.batch < 1 ||
+      p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 || p.device >= kMaxDevices) {
+    return cudaErrorInvalidValue;
+  }
+  const MaskWindow w = MaskWindow::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
+  if constexpr (kHeadDim == 64 && kHeadDimV == 64) {
+    if (fwd_tall_tile_pays(p, w)) return launch_fwd<FwdTraits<Element, 64, 64, 192>>(p, w, stream);
+  }
+  return launch_fwd<FwdTraits<Element, kHeadDim, kHeadDimV>>(p, w, stream);
 }
 
 }  // namespace fa3

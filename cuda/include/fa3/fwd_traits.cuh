@@ -15,10 +15,10 @@
 
 namespace fa3 {
 
-template <class Element_, int kHeadDim_, int kHeadDimV_>
+template <class Element_, int kHeadDim_, int kHeadDimV_, int kBlockM_ = 128>
 struct FwdTraits {
   using Element = Element_;
-  using Tile = FwdTileSize<kHeadDim_, kHeadDimV_>;
+  using Tile = FwdTileSize<kHeadDim_, kHeadDimV_, kBlockM_>;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = Tile::kBlockM;

@@ -141,10 +141,11 @@ struct FwdMainloop {
     auto thr_qk = mma_qk.get_slice(thread_idx);
     // The SMEM operand descriptors depend only on the warpgroup. Sliced per thread, d >= 192 had its 12-16
     // loop-invariant Q descriptors (64-bit each) hoisted into ordinary registers and spilled (d=256: 248 B, ptxas);
-    // sliced with a warp-uniform index they live in uniform registers, spill-free. At d <= 128 the per-thread slice
-    // measured faster (d=128 non-causal 1k-4k by 5-10 %, H100, benchmarks/NOTES_fwd.md v6), so it stays there.
-    const int operand_thread =
-        Traits::kHeadDim > 128 ? __shfl_sync(0xffffffff, thread_idx / 128, 0) * 128 : thread_idx;
+    // sliced with a warp-uniform index they live in uniform registers, spill-free. The 128-register cap of three
+    // consumer warpgroups needs the same (d=64 192-row tile: 144 -> 48 B). With two warpgroups at d <= 128 neither
+    // of two A/B runs showed a gain from the uniform slice (benchmarks/NOTES_fwd.md v6): the per-thread one stays.
+    constexpr bool kUniformSlice = Traits::kHeadDim > 128 || Traits::kNumMmaWarpGroups > 2;
+    const int operand_thread = kUniformSlice ? __shfl_sync(0xffffffff, thread_idx / 128, 0) * 128 : thread_idx;
     auto operands_qk = mma_qk.get_slice(operand_thread);
     auto operands_pv = mma_pv.get_slice(operand_thread);
     Tensor sQ = make_tensor(make_smem_ptr(smem.qo.q_data()), typename Traits::SmemLayoutQ{});

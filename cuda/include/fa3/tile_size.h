@@ -1,11 +1,13 @@
 // Forward tile configuration per head dim (KERNELS.md §3.1), shared by host and device code.
 //
-// One configuration per (d, d_v): causal/local/softcap are runtime branches, so each TU compiles one kernel.
-// Where §3.1 lists different tiles per mask, we take the one that is legal for every mask with the P·V GEMM in
-// register-A (RS) form:
-//   d=64 / 96: 128 x 128, 2 consumer warpgroups. §3.1's 192-row tiles (3 consumer warpgroups, 512 threads) were
-//              tried: ptxas then caps the whole kernel at 65536/512 = 128 registers and the consumers spilled
-//              (d=64: 20 B, d=96: 128 B of spill loads), setmaxnreg notwithstanding. Revisit with a leaner consumer.
+// One configuration per (d, d_v), except d=64's two: causal/local/softcap are runtime branches. Where §3.1 lists
+// different tiles per mask, we take the one that is legal for every mask with the P·V GEMM in register-A (RS) form:
+//   d=64:      128 x 128 (2 consumer warpgroups, pingpong) and §3.1's 192 x 128 (3 consumer warpgroups, 512 threads),
+//              chosen per call by the rows' key span (fwd_launch.cuh): the tall tile measured +2-10 % from 4k tokens
+//              up and -16 to -22 % at causal 1k-2k (H100, NOTES_fwd.md v6). ptxas caps a 512-thread kernel at 128
+//              registers, setmaxnreg notwithstanding: it spills 48 B with the warp-uniform descriptor slicing
+//              (144 B without), outside the measured cost.
+//   d=96:      128 x 128. The 192-row tile spilled 128 B of loads at 128 registers.
 //   d=128:     128 x 128 (the causal/local tile; 128x176 is a tuning step, §2 v7).
 //   d=192:     128 x 112;  (192,128): 128 x 128;  d=256: 128 x 80.
 // Registers: 24/240 (producer/consumer) with 2 consumer warpgroups, 32/160 with 3: 128*24 + 256*240 and
@@ -14,11 +16,14 @@
 
 namespace fa3 {
 
-template <int kHeadDim, int kHeadDimV>
+// kBlockM_: 128, or 192 for the tall tile of head dim 64 (fwd_launch.cuh picks it per call).
+template <int kHeadDim, int kHeadDimV, int kBlockM_ = 128>
 struct FwdTileSize {
   static_assert(kHeadDim % 16 == 0 && kHeadDimV % 16 == 0 && kHeadDim <= 256 && kHeadDimV <= 256,
                 "head dims must be multiples of 16 and <= 256");
-  static constexpr int kBlockM = 128;
+  static_assert(kBlockM_ == 128 || (kBlockM_ == 192 && kHeadDim <= 64 && kHeadDimV <= 64),
+                "192-row tiles only at head dim <= 64 (register budget of 3 consumer warpgroups)");
+  static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : (kHeadDim <= 192 ? (kHeadDimV <= 128 ? 128 : 112) : 80);
   static constexpr int kStages = 2;  // K and V each
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
