@@ -69,7 +69,7 @@ cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t str
 }
 
 // Whether a head-dim-64 call takes the 192-row tile: only when the rows see long key ranges, where its higher GEMM
-// share pays for the longer prologue and epilogue per tile (NOTES_fwd.md v6, H100: 192 rows won from 4k tokens up,
+// share pays for the longer prologue and epilogue per tile (NOTES_fwd.md v6b, H100: 192 rows won from 4k tokens up,
 // causal 4k at parity, and lost 16-22 % at causal 1k-2k). The middle query row's visible key count stands for the
 // mask's span: seqlen_k without a window, about seqlen_k / 2 causal, the window's width for local attention.
 inline bool fwd_tall_tile_pays(const FwdParams& p, const MaskWindow& w) {

@@ -4,7 +4,7 @@
 // different tiles per mask, we take the one that is legal for every mask with the P·V GEMM in register-A (RS) form:
 //   d=64:      128 x 128 (2 consumer warpgroups, pingpong) and §3.1's 192 x 128 (3 consumer warpgroups, 512 threads),
 //              chosen per call by the rows' key span (fwd_launch.cuh): the tall tile measured +2-10 % from 4k tokens
-//              up and -16 to -22 % at causal 1k-2k (H100, NOTES_fwd.md v6). ptxas caps a 512-thread kernel at 128
+//              up and -16 to -22 % at causal 1k-2k (H100, NOTES_fwd.md v6b). ptxas caps a 512-thread kernel at 128
 //              registers, setmaxnreg notwithstanding: it spills 48 B with the warp-uniform descriptor slicing
 //              (144 B without), outside the measured cost.
 //   d=96:      128 x 128. The 192-row tile spilled 128 B of loads at 128 registers.
@@ -30,7 +30,7 @@ struct FwdTileSize {
   static constexpr int kNumThreads = 128 * (kNumMmaWarpGroups + 1);
   // Every head dim runs the intra-warpgroup overlap (§2 v4: P V of block n+1 in flight during the softmax of block
   // n; mainloop_fwd.cuh). d >= 192 used the serial v2 loop until the overlap compiled spill-free there (uniform
-  // SMEM descriptors); with it they measured 5-20 % faster at 2k-16k (H100, benchmarks/NOTES_fwd.md v6).
+  // SMEM descriptors); with it they measured 0 to +16 % at 4k-16k and -6 to +13 % at 1k-2k (H100, NOTES_fwd.md v6).
   // Pingpong between the two consumer warpgroups where GEMM and softmax times are comparable (FA3: d <= 128).
   static constexpr bool kPingpong = kHeadDim <= 128 && kNumMmaWarpGroups == 2;
   // Persistent grid (§2 v5): one CTA per SM loops over tiles, the producer loading the next tile's Q and K while
