@@ -275,13 +275,27 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
         cutlass::arch::fence_view_async_shared();  // as in the RS branch
         consumer_sync();
         Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<BM, D>{});
+        // Where dQ leaves by per-thread vector reductions, its GEMM goes first so that the reductions are issued while
+        // the dV and dK GEMMs run (d=256: +11-14 %). The SMEM hand-off (d=192) is short; dQ first measured 1-2 %
+        // slower there (NOTES_bwd.md v9).
+        constexpr bool kdQFirst = !Traits::kdQViaSmem;
+        if constexpr (kdQFirst) issue_gemm<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
         issue_gemm<false>(mma_dv, tdVrPt(_, _, _, pds), tdVrdOt(_, _, _, stage), tdVrdV);
         issue_gemm<false>(mma_dk, tdKrdSt(_, _, _, pds), tdKrQt(_, _, _, stage), tdKrdK);
-        issue_gemm<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
-        warpgroup_wait<0>();
-        pipeline.consumer_release(state);
-        ++state;
-        add_dq(tdQrdQ, head, m_block);
+        if constexpr (kdQFirst) {
+          warpgroup_wait<2>();  // dQ
+          warpgroup_fence_operand(tdQrdQ);
+          add_dq(tdQrdQ, head, m_block);
+          warpgroup_wait<0>();
+          pipeline.consumer_release(state);
+          ++state;
+        } else {
+          issue_gemm<true>(mma_dq, tdQrdS(_, _, _, pds), tdQrKt, tdQrdQ);
+          warpgroup_wait<0>();
+          pipeline.consumer_release(state);
+          ++state;
+          add_dq(tdQrdQ, head, m_block);
+        }
       }
     }
   }
