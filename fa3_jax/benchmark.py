@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -33,10 +35,20 @@ def _jax_nn(implementation):
   return attention
 
 
+def native_head_dims(library: pathlib.Path) -> frozenset[int]:
+  """Head dims a FlashAttention-3 build has forward kernels for, read from its kernel names (flash_fwd_hdim<d>_...)."""
+  return frozenset(int(d) for d in re.findall(rb"flash_fwd_hdim(\d+)_", library.read_bytes()))
+
+
 def _flash_attn3_jax():
   import flash_attn3_jax  # optional peer: FlashAttention-3's own kernels wrapped for JAX
+  import flash_attn3_jax_lib.flash_api as flash_api
+  head_dims = native_head_dims(pathlib.Path(flash_api.__file__))
 
   def attention(q, k, v, causal):
+    if q.shape[-1] not in head_dims:
+      # The wheel would run a larger head dim's kernels on zero-padded inputs: not FA3's number for this head dim.
+      raise NotImplementedError(f"this flash_attn3_jax build has kernels for head dims {sorted(head_dims)} only")
     return flash_attn3_jax.flash_mha(q, k, v, is_causal=causal)
   return attention
 
