@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
   const int tid = threadIdx.x - 128;
   constexpr bool kRS = Traits::kRS;
-  static_assert(!kRS || Traits::kStagesPdS == 2, "the RS loop's dS reuse argument needs two dS buffers");
+  static_assert(Traits::kStagesPdS == 2, "the P / dS reuse argument below needs two buffers");
 
   Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutPdS{});
   Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Traits::SmemLayoutPdSt{});
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     for (int it = 0; it < n_iters; ++it, t.next()) {
       const int head = t.head, m_block = t.m_block;
       const int stage = state.index();
-      const int pds = Traits::kStagesPdS == 1 ? 0 : (it & 1);
+      const int pds = it & 1;  // P / dS buffer
 
       pipeline.consumer_wait(state);
       Tensor tSrS = partition_fragment_C(mma_sdp, typename Traits::ShapeSdP{});
@@ -268,8 +268,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
         Tensor tPsP = thr_copy_pds.partition_D(as_position_independent_swizzle_tensor(sP));  // (CPY, M, N, pds)
         Tensor tdVrPt = thr_dv.partition_fragment_A(sPt);                                  // (MMA, M, K, pds)
         Tensor tdKrdSt = thr_dk.partition_fragment_A(sdSt);
-        // With one P/dS buffer, both warpgroups must have finished the previous iteration's GEMMs reading it.
-        if constexpr (Traits::kStagesPdS == 1) consumer_sync();
+        // Buffer pds was last read by the GEMMs of iteration it - 2, as in the RS branch.
         store_pds(rP, tPsP, pds);
         store_pds(rdS, tdSsdS, pds);
         cutlass::arch::fence_view_async_shared();  // as in the RS branch

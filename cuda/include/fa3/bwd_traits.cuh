@@ -53,9 +53,10 @@ struct BwdTraits {
   // then waits forever, which is how a first version hung.)
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kStages = 2;  // Q / dO pipeline depth
-  // P/dS double-buffered where SMEM allows; single-buffered needs one more consumer barrier per iteration (SS only:
-  // the RS loop relies on two dS buffers).
-  static constexpr int kStagesPdS = kHeadDim == 256 ? 1 : 2;
+  // P/dS double-buffered, so that writing iteration it's tiles needs no barrier beyond the previous iteration's
+  // (bwd_kernel.cuh). d=256 fits with under 1 KB of SMEM to spare; there it measured +2.5-5 % over one buffer
+  // (NOTES_bwd.md v9).
+  static constexpr int kStagesPdS = 2;
 
   using BM = Int<kBlockM>;
   using BN = Int<kBlockN>;
