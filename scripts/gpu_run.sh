@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build + GPU tests + benchmark on a Hopper machine, in one go (the device tool lends one for a few minutes).
-# (cuda/tests/run_fwd_check.sh and run_bwd_check.sh build and run the kernels' standalone checkers, without JAX.)
+# (cuda/tests/run_fwd_check.sh and run_bwd_check.sh build and run the kernels' standalone checkers, without JAX;
+# cuda/tests/run_fwd_ab.sh times the forward of several source trees in interleaved rounds.)
 #
 #   scripts/gpu_run.sh [build] [check] [sanitize] [test] [example] [bench] [bench-quick]  (default: build check test bench)
 #
