@@ -70,13 +70,14 @@ cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t str
 
 // Whether a head-dim-64 call takes the 192-row tile: only when the rows see long key ranges, where its higher GEMM
 // share pays for the longer prologue and epilogue per tile (NOTES_fwd.md v6b, H100: 192 rows won from 4k tokens up,
-// causal 4k at parity, and lost 16-22 % at causal 1k-2k). The middle query row's visible key count stands for the
-// mask's span: seqlen_k without a window, about seqlen_k / 2 causal, the window's width for local attention.
+// causal 4k at parity, and lost 16-22 % at causal 1k-2k; v7, H200, with the round-robin pingpong: +2 % at non-causal
+// 2k, -0.5..+4 % from 4k up, -14 % at causal 2k). The middle query row's visible key count stands for the mask's span:
+// seqlen_k without a window, about seqlen_k / 2 causal, the window's width for local attention.
 inline bool fwd_tall_tile_pays(const FwdParams& p, const MaskWindow& w) {
   const int64_t row = p.seqlen_q / 2, off = int64_t(p.seqlen_k) - p.seqlen_q;
   const int64_t first_key = row + off - w.left > 0 ? row + off - w.left : 0;
   const int64_t last_key = row + off + w.right < p.seqlen_k - 1 ? row + off + w.right : p.seqlen_k - 1;
-  return p.seqlen_q >= 4096 && last_key - first_key + 1 >= 2048;
+  return p.seqlen_q >= 2048 && last_key - first_key + 1 >= 2048;
 }
 
 template <class Element, int kHeadDim, int kHeadDimV>

@@ -108,13 +108,14 @@ struct FwdMainloop {
     load_v(range.n_min);
   }
 
-  // Pingpong turns (§2 v3) run as one alternating sequence over all tiles of the CTA: warpgroup 0 issues first,
-  // each GEMM batch waits for the warpgroup's turn and passes it on right after issuing. Warpgroup 1 opens the
-  // sequence with one pass before its first tile, so warpgroup 0 closes it with one extra wait after its last
-  // tile: arrivals and waits then balance on both barriers, however many tiles (possibly none) the CTA ran.
+  // Pingpong turns (§2 v3) run as one sequence over all tiles of the CTA, round robin over the consumer
+  // warpgroups (two, or three with the 192-row tile): warpgroup 0 issues first, each GEMM batch waits for the
+  // warpgroup's turn and passes it to the next warpgroup right after issuing. The last warpgroup opens the sequence
+  // with one pass before its first tile, so warpgroup 0 closes it with one extra wait after its last tile: arrivals
+  // and waits then balance on every barrier, however many tiles (possibly none) the CTA ran.
   CUTE_DEVICE static void pingpong_open(int thread_idx) {
     if constexpr (Traits::Tile::kPingpong) {
-      if (thread_idx / 128 == 1) named_barrier_arrive(2 * 128, FwdBarrier::kPingpong0, 0);
+      if (thread_idx / 128 == Traits::kNumMmaWarpGroups - 1) named_barrier_arrive(2 * 128, FwdBarrier::kPingpong0, 0);
     }
   }
   CUTE_DEVICE static void pingpong_close(int thread_idx) {
@@ -129,7 +130,7 @@ struct FwdMainloop {
   // Intra-warpgroup overlap (§2 v4): iteration n issues S = Q K_n^T and O += P_{n+1} V_{n+1} back to back, then
   // runs the softmax of S_n while the P V GEMM is still in flight; O is rescaled once that GEMM has retired.
   // Pingpong (§2 v3, kPingpong): each warpgroup waits for its turn before issuing an iteration's GEMMs and hands
-  // the turn to the other warpgroup right after issuing, so one warpgroup's softmax overlaps the other's GEMMs.
+  // the turn to the next warpgroup right after issuing, so one warpgroup's softmax overlaps the others' GEMMs.
   template <class FragO>
   CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block,
                               BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
@@ -165,6 +166,9 @@ struct FwdMainloop {
     const int off = args.seqlen_k - args.seqlen_q;
     const int row0 = m_block * kBlockM;
     const int wg = thread_idx / 128;
+    // The warpgroup after this one in the turn order (written as 1 - wg for two: the code measured before the ring).
+    constexpr int kWarpGroups = Traits::kNumMmaWarpGroups;
+    const int next_wg = kWarpGroups == 2 ? 1 - wg : (wg + 1) % kWarpGroups;
     PipeState<kStages>& st_k = st.k;
     PipeState<kStages>& st_v = st.v;
 
@@ -172,7 +176,7 @@ struct FwdMainloop {
       if constexpr (kPingpong) named_barrier_sync(2 * 128, FwdBarrier::kPingpong0, wg);
     };
     auto turn_pass = [&] {
-      if constexpr (kPingpong) named_barrier_arrive(2 * 128, FwdBarrier::kPingpong0, 1 - wg);
+      if constexpr (kPingpong) named_barrier_arrive(2 * 128, FwdBarrier::kPingpong0, next_wg);
     };
     auto scores = [&](auto& tSrS, int n, auto masked) {
       if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);

@@ -16,8 +16,8 @@ namespace fa3 {
 // ReservedNamedBarrierCount to these).
 enum class FwdBarrier : uint32_t {
   kConsumers = 0,   // all consumer threads (epilogue, when O is staged in Q's SMEM)
-  kPingpong0 = 1,   // pingpong (§2 v3): consumer warpgroup w waits on kPingpong0 + w before issuing its GEMMs
-  kEpilogue0 = 3,   // consumer warpgroup w's own epilogue barrier: kEpilogue0 + w
+  kPingpong0 = 1,   // pingpong (§2 v3): consumer warpgroup w (< 3) waits on kPingpong0 + w before issuing its GEMMs
+  kEpilogue0 = 4,   // consumer warpgroup w's own epilogue barrier: kEpilogue0 + w
 };
 
 // One arrival per warp on an mbarrier, once every thread of the warp is done with what the barrier guards.
