@@ -36,7 +36,18 @@ cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t str
 
   const int num_m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   if ((long long)num_m_blocks * p.heads * p.batch > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const FwdTileScheduler sched{num_m_blocks, p.heads, p.heads * p.batch};
+  constexpr int kSmem = Traits::kSmemBytes;
+  const LaunchSetup& setup = launch_setup<fwd_kernel<Traits>>(kSmem, p.device);
+  if (setup.err != cudaSuccess) return setup.err;
+  // Pair long with short m-blocks only where the tile costs (visible key blocks) differ along the sequence.
+  auto key_blocks = [&](int m_block) {
+    const BlockRange r = fwd_block_range(m_block, Traits::kBlockM, Traits::kBlockN, p.seqlen_q, p.seqlen_k, w);
+    return imax(0, r.n_max - r.n_min);
+  };
+  // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
+  const FwdTileScheduler sched = FwdTileScheduler::make(
+      num_m_blocks, p.heads, p.batch, key_blocks(0) != key_blocks(num_m_blocks - 1), Traits::kPersistent,
+      setup.num_sms);
   constexpr float kLog2e = 1.4426950408889634f;
   const bool has_softcap = p.softcap > 0.f;
 
@@ -57,14 +68,7 @@ cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t str
       has_softcap ? p.softmax_scale / p.softcap : 0.f,
       has_softcap};
 
-  constexpr int kSmem = Traits::kSmemBytes;
-  const LaunchSetup& setup = launch_setup<fwd_kernel<Traits>>(kSmem, p.device);
-  if (setup.err != cudaSuccess) return setup.err;
-
-  // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
-  const long long items = sched.num_items<Traits::kPersistent>();
-  const long long ctas = Traits::kPersistent && items > setup.num_sms ? setup.num_sms : items;
-  fwd_kernel<Traits><<<dim3(unsigned(ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
+  fwd_kernel<Traits><<<dim3(unsigned(sched.ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   return cudaGetLastError();
 }
 

@@ -6,8 +6,10 @@
 //              pingpong round robin), chosen per call by the rows' key span (fwd_launch.cuh): the tall tile measured
 //              +2-10 % from 4k tokens up and -16 to -22 % at causal 1k-2k (H100, NOTES_fwd.md v6b), and with the
 //              round robin +2 % at non-causal 2k (H200, v7). ptxas caps a 512-thread kernel at 128 registers,
-//              setmaxnreg notwithstanding: it spills 56 B (100 B of loads) with the warp-uniform descriptor slicing
-//              and the turn ring (48 / 60 B without the ring, 144 B without the slicing), outside the measured cost.
+//              setmaxnreg notwithstanding: it spills 124 B (164 B of loads) with the warp-uniform descriptor slicing,
+//              the turn ring and the v8 tile schedule (56 B before that schedule, 48 / 60 B without the ring, 144 B
+//              without the slicing; the count moves by tens of bytes with the tile loop's formulation), outside the
+//              measured cost.
 //   d=96:      128 x 128. The 192-row tile spilled 128 B of loads at 128 registers.
 //   d=128:     128 x 128 (the causal/local tile; 128x176 is a tuning step, §2 v7).
 //   d=192:     128 x 112;  (192,128): 128 x 128;  d=256: 128 x 80.
