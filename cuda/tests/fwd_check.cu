@@ -344,7 +344,7 @@ std::vector<Case> cases_for(const Kernel& kn, bool quick) {
   add_many(16, 128, 200, 16, 16, 200, 0, 0.f);      // causal, 256 one-m-block tiles (small enough for --tiny)
   add_many(8, 256, 100, 16, 16, 100, 0, 0.f);       // causal, 256 tiles, every other one empty (--tiny)
   add_many(16, 384, 64, 16, 16, 64, 384, 0.f);      // no mask, 768 tiles as single-tile items (--tiny)
-  if (kn.d == 64) add_many(1, 2048, 2048, 16, 4, 2048, 2048, 0.f);  // the 192-row tile as single-tile items
+  if (kn.d == 64) add_many(1, 2048, 2048, 32, 8, 2048, 2048, 0.f);  // the 192-row tile: 132 two-tile items + 88 single
   if (!quick || main_cfg) add_many(2, 1024, 1024, 12, 4, 100, 0, 15.f);  // GQA local + softcap, 192 tiles
   return out;
 }
