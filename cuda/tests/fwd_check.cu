@@ -19,6 +19,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -372,7 +373,7 @@ void bench(const Kernel& kn) {
   const int h = hidden / kn.d;
   for (int causal = 0; causal < 2; ++causal) {
     std::printf("bench %-14s %s  h=%d:", kn.name, causal ? "causal    " : "non-causal", h);
-    for (int s : {1024, 2048, 4096, 8192, 16384}) {
+    for (int s : {512, 1024, 2048, 4096, 8192, 16384}) {
       const int b = total / s;
       Case c{b, s, s, h, h, s, causal ? 0 : s, 0.f, ""};
       const size_t nq = size_t(b) * s * h * kn.d, nv = size_t(b) * s * h * kn.dv;
@@ -406,7 +407,8 @@ void bench(const Kernel& kn) {
       const double t = ms[ms.size() / 2] * 1e-3;
       // 2 b h s^2 (d + d_v): 4 b h s^2 d when d == d_v (every pair but 192x128)
       const double flops = 2.0 * b * h * double(s) * s * (kn.d + kn.dv) / (causal ? 2.0 : 1.0);
-      std::printf("  %5dk %6.1f", s / 1024, flops / t * 1e-12);
+      const std::string label = s >= 1024 ? std::to_string(s / 1024) + "k" : std::to_string(s);
+      std::printf("  %6s %6.1f", label.c_str(), flops / t * 1e-12);
       cudaEventDestroy(e0);
       cudaEventDestroy(e1);
       cudaFree(q);
