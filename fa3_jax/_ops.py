@@ -7,8 +7,12 @@ The contract with cuda/ffi/ (written once, here and in the handlers' comments):
                  results  out (b, s_q, h, d_v) q.dtype, lse (b, h, s_q) f32, workspace (n,) u8
                  attrs    softmax_scale f32, softcap f32 (0 = off), window_left i64, window_right i64
   "fa3_jax_bwd"  operands dout (b, s_q, h, d_v), q, k, v, out (b, s_q, h, d_v), lse (b, h, s_q) f32
+                 optional dlse (b, h, s_q) f32, the cotangent of lse
                  results  dq, dk, dv (shapes and dtypes of q, k, v), workspace (n,) u8
                  attrs    as fwd, plus deterministic bool
+
+  Each op's operand list is one `FfiOp` table below. Optional operands follow the required ones in table order, and
+  each is present iff the bool attribute `with_<name>` is true (cuda/ffi/optional_operands.h decodes the same rule).
 
   Windows arrive resolved (AttentionConfig.resolved_window): query i may attend key j iff
   i + s_k - s_q - window_left <= j <= i + s_k - s_q + window_right, with no -1 sentinels. The workspace size n
@@ -18,6 +22,7 @@ The contract with cuda/ffi/ (written once, here and in the handlers' comments):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 
@@ -30,8 +35,31 @@ from fa3_jax import _extension
 from fa3_jax import reference
 from fa3_jax._config import AttentionConfig
 
-FWD_TARGET = "fa3_jax_fwd"
-BWD_TARGET = "fa3_jax_bwd"
+
+@dataclasses.dataclass(frozen=True)
+class FfiOp:
+  """An FFI target's operand and result names, in the order its handler decodes them (written once, here)."""
+  target: str
+  operands: tuple[str, ...]
+  results: tuple[str, ...]
+  optional: tuple[str, ...] = ()  # after `operands`, each present iff attribute with_<name> is true
+
+  def __call__(self, result_types, operands: dict, **attributes) -> dict:
+    """ffi_call with `operands` by name (optional ones absent or None); returns the results by name."""
+    unknown = set(operands) - set(self.operands) - set(self.optional)
+    if unknown or not set(self.operands) <= set(operands):
+      raise TypeError(f"{self.target} takes operands {self.operands} + optional {self.optional}, "
+                      f"got {sorted(operands)}")
+    present = [n for n in self.optional if operands.get(n) is not None]
+    flags = {f"with_{n}": n in present for n in self.optional}
+    results = jax.ffi.ffi_call(self.target, result_types)(*(operands[n] for n in (*self.operands, *present)),
+                                                           **attributes, **flags)
+    return dict(zip(self.results, results))
+
+
+FWD = FfiOp("fa3_jax_fwd", operands=("q", "k", "v"), results=("out", "lse", "workspace"))
+BWD = FfiOp("fa3_jax_bwd", operands=("dout", "q", "k", "v", "out", "lse"),
+            results=("dq", "dk", "dv", "workspace"), optional=("dlse",))
 
 
 # ---- which kernels exist ---------------------------------------------------------------------------------------
@@ -48,21 +76,46 @@ def kernel_available(direction: str, dtype, head_dim: int, head_dim_v: int) -> b
   return kernel_head_dims(direction, dtype, head_dim, head_dim_v) is not None
 
 
+def _gpus():
+  """The GPU devices JAX sees (none on a machine without one)."""
+  try:
+    return jax.devices("gpu")
+  except RuntimeError:
+    return []
+
+
+def _non_hopper_gpus() -> list[str]:
+  """The visible GPUs the kernels cannot run on: they are compiled for compute capability 9.0 (sm_90a) only."""
+  return sorted({f"{d.device_kind} (compute capability {d.compute_capability})" for d in _gpus()
+                 if getattr(d, "compute_capability", None) != "9.0"})
+
+
+def _reference_reason(direction: str, dtype, head_dim: int, head_dim_v: int) -> str | None:
+  """Why a call lowered for CUDA runs the reference instead of a kernel, or None if a kernel serves it."""
+  if not kernel_available(direction, dtype, head_dim, head_dim_v):
+    if _extension.module is None:
+      return f"the CUDA extension is not installed ({_extension.import_error})"
+    return f"no {direction} kernel was compiled for {np.dtype(dtype).name}, head_dim={head_dim}, head_dim_v={head_dim_v}"
+  non_hopper = _non_hopper_gpus()
+  if non_hopper:
+    return f"the kernels need a Hopper GPU (compute capability 9.0) and this machine has {', '.join(non_hopper)}"
+  return None
+
+
 @functools.cache
-def _warn_reference_on_gpu(direction: str, dtype_name: str, head_dim: int, head_dim_v: int) -> None:
+def _warn_reference_on_gpu(reason: str, direction: str) -> None:
   """Say once when a user with a GPU would silently get the (slow) reference instead of a kernel."""
-  if not any(d.platform == "gpu" for d in jax.devices()):
-    return
-  why = (f"the CUDA extension is not installed ({_extension.import_error})" if _extension.module is None
-         else f"no {direction} kernel was compiled for {dtype_name}, head_dim={head_dim}, head_dim_v={head_dim_v}")
-  warnings.warn(f"fa3_jax: attention {direction} runs on the pure-JAX reference path on GPU because {why}; "
-                "see `python -m fa3_jax`", stacklevel=4)
+  if _gpus():
+    warnings.warn(f"fa3_jax: attention {direction} runs on the pure-JAX reference path on GPU because {reason}; "
+                  "see `python -m fa3_jax`", stacklevel=4)
 
 
 def _dispatch(direction: str, kernel_fn, reference_fn, dtype, head_dim: int, head_dim_v: int, *args):
-  if kernel_available(direction, dtype, head_dim, head_dim_v):
+  # Lowering for CUDA on a machine without a GPU (the lowering tests) has no device to ask: it emits the kernels.
+  reason = _reference_reason(direction, dtype, head_dim, head_dim_v)
+  if reason is None:
     return jax.lax.platform_dependent(*args, cuda=kernel_fn, default=reference_fn)
-  _warn_reference_on_gpu(direction, np.dtype(dtype).name, head_dim, head_dim_v)
+  _warn_reference_on_gpu(reason, direction)
   return reference_fn(*args)
 
 
@@ -86,12 +139,17 @@ def fold_vmap(op, fold_into_heads=None):
 
   Operands that are not batched are broadcast first, unless `fold_into_heads(axis_size, in_batched, *args)` handles
   the call (the forward folds a q-only vmap into the query heads, so K/V are never copied). Nested vmaps fold too,
-  because the rule calls the folded op again.
+  because the rule calls the folded op again. A vmap over a size-0 axis returns empty results without running `op`
+  (its results' shapes come from an abstract evaluation of one unbatched call).
   """
   folded = jax.custom_batching.custom_vmap(op)
 
   @folded.def_vmap
   def rule(axis_size, in_batched, *args):
+    if axis_size == 0:
+      unbatched = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype) for a, b in zip(args, in_batched)]
+      shapes = jax.eval_shape(op, *unbatched)
+      return tuple(jnp.zeros((0, *r.shape), r.dtype) for r in shapes), (True,) * len(shapes)
     if fold_into_heads is not None:
       results = fold_into_heads(folded, axis_size, in_batched, *args)
       if results is not None:
@@ -134,32 +192,35 @@ def fwd_kernel(q, k, v, cfg: AttentionConfig):
     result_types = (_result_type(q, (b, sq, h, dv), q.dtype), _result_type(q, (b, h, sq), jnp.float32),
                     _result_type(q, (n,), jnp.uint8))
     with jax.named_scope("fa3_fwd"):
-      out, lse, _ = jax.ffi.ffi_call(FWD_TARGET, result_types)(
-          _pad_last(q, d), _pad_last(k, d), _pad_last(v, dv), **_attributes(cfg, sq, sk))
+      r = FWD(result_types, dict(q=_pad_last(q, d), k=_pad_last(k, d), v=_pad_last(v, dv)), **_attributes(cfg, sq, sk))
+    out, lse = r["out"], r["lse"]
     return out[..., :head_dim_v], lse
 
   return tuple(fold_vmap(call, fwd_fold_into_heads)(q, k, v))
 
 
-def bwd_kernel(dout, q, k, v, out, lse, cfg: AttentionConfig):
-  """The CUDA backward as an ffi_call (lowers for the cuda platform only). Returns (dq, dk, dv)."""
+def bwd_kernel(dout, q, k, v, out, lse, dlse=None, *, cfg: AttentionConfig):
+  """The CUDA backward as an ffi_call (lowers for the cuda platform only). Returns (dq, dk, dv).
+
+  dlse, the cotangent of lse (b, h, s_q) float32, is optional: the kernel folds it into D = rowsum(dout * out).
+  """
   head_dim, head_dim_v = q.shape[-1], v.shape[-1]
   dims = kernel_head_dims("bwd", q.dtype, head_dim, head_dim_v) or (head_dim, head_dim_v)
 
-  def call(dout, q, k, v, out, lse):
+  def call(dout, q, k, v, out, lse, *dlse):
     b, sq, h, _ = q.shape
     sk, hk = k.shape[1], k.shape[2]
     d, dv = dims
     n = _extension.workspace_bytes("bwd", b, sq, sk, h, hk, d, dv, cfg.deterministic)
     result_types = (_result_type(q, (b, sq, h, d), q.dtype), _result_type(k, (b, sk, hk, d), k.dtype),
                     _result_type(v, (b, sk, hk, dv), v.dtype), _result_type(q, (n,), jnp.uint8))
+    operands = dict(dout=_pad_last(dout, dv), q=_pad_last(q, d), k=_pad_last(k, d), v=_pad_last(v, dv),
+                    out=_pad_last(out, dv), lse=lse, dlse=dlse[0] if dlse else None)
     with jax.named_scope("fa3_bwd"):
-      dq, dk, dv_, _ = jax.ffi.ffi_call(BWD_TARGET, result_types)(
-          _pad_last(dout, dv), _pad_last(q, d), _pad_last(k, d), _pad_last(v, dv), _pad_last(out, dv), lse,
-          deterministic=bool(cfg.deterministic), **_attributes(cfg, sq, sk))
-    return dq[..., :head_dim], dk[..., :head_dim], dv_[..., :head_dim_v]
+      r = BWD(result_types, operands, deterministic=bool(cfg.deterministic), **_attributes(cfg, sq, sk))
+    return r["dq"][..., :head_dim], r["dk"][..., :head_dim], r["dv"][..., :head_dim_v]
 
-  return tuple(fold_vmap(call)(dout, q, k, v, out, lse))
+  return tuple(fold_vmap(call)(dout, q, k, v, out, lse, *(() if dlse is None else (dlse,))))
 
 
 # ---- the two directions, dispatched --------------------------------------------------------------------------
@@ -171,8 +232,12 @@ def attention_fwd(q, k, v, cfg: AttentionConfig):
                    q.dtype, q.shape[-1], v.shape[-1], q, k, v)
 
 
-def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig):
-  """(dq, dk, dv): the CUDA kernel on a GPU where one was built for these inputs, else the reference."""
-  return _dispatch("bwd", functools.partial(bwd_kernel, cfg=cfg),
-                   lambda dout, q, k, v, out, lse: reference.attention_backward(q, k, v, out, lse, dout, cfg),
-                   q.dtype, q.shape[-1], v.shape[-1], dout, q, k, v, out, lse)
+def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None):
+  """(dq, dk, dv): the CUDA kernel on a GPU where one was built for these inputs, else the reference. dlse (lse's
+  cotangent, (b, h, s_q) float32) is optional."""
+  def reference_bwd(dout, q, k, v, out, lse, dlse=None):
+    return reference.attention_backward(q, k, v, out, lse, dout, cfg, dlse=dlse)
+
+  args = (dout, q, k, v, out, lse) + (() if dlse is None else (dlse,))
+  return _dispatch("bwd", functools.partial(bwd_kernel, cfg=cfg), reference_bwd, q.dtype, q.shape[-1], v.shape[-1],
+                   *args)

@@ -1,10 +1,13 @@
-"""Argument checks shared by every public entry point; they raise at trace time with messages that name the
-argument, what was expected and what was received."""
+"""Argument checks shared by every public entry point. They raise at trace time with messages that name the
+argument, what was expected and what was received: TypeError for a wrong type, ValueError for a wrong value,
+NotImplementedError for a valid combination that is not supported."""
 
 from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fa3_jax._config import AttentionConfig
@@ -12,34 +15,169 @@ from fa3_jax._config import AttentionConfig
 MAX_HEAD_DIM = 256
 # The one (head_dim, head_dim_v) pair with head_dim_v != head_dim (DeepSeek-style MLA prefill shapes).
 ASYMMETRIC_HEAD_DIMS = ((192, 128),)
+# The CUDA kernels' mask arithmetic is int32 and adds up to three bounded terms (row + seqlen_k - seqlen_q - window):
+# with each below 2**29 no sum reaches 2**31.
+MAX_SEQLEN = 2**29
+HALF_DTYPES = ("float16", "bfloat16")
 
+# Python floats: comparing a Python float with a NumPy float32 would cast (and overflow) the Python float.
+_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32; kernels may flush smaller ones to 0
+_F32_MAX = float(np.finfo(np.float32).max)
+# The kernels scale scores by softmax_scale * log2(e) in float32 (exp2-domain softmax). Inputs within float16's
+# finite range give |q.k| <= head_dim * 65504**2, so larger scales than max_softmax_scale could overflow to inf.
+_MAX_HALF_INPUT = float(np.finfo(np.float16).max)
+_LOG2_E = math.log2(math.e)
+
+
+def _got(value) -> str:
+  """What was received, for a type error: the type's name, or that it is traced (static arguments cannot be)."""
+  if isinstance(value, jax.core.Tracer):
+    return "a traced value (this argument is static: it must be known at trace time, not computed under jit)"
+  return type(value).__name__
+
+
+def _shown(value) -> str:
+  """What was received, for a message about a static value or a tuple of them: its repr, or that it is traced."""
+  parts = tuple(value) if isinstance(value, (tuple, list)) else ()
+  traced = next((p for p in (value, *parts) if isinstance(p, jax.core.Tracer)), None)
+  return repr(value) if traced is None else _got(traced)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_float(x) -> float:
+  """float(x), with Python ints beyond float's range as inf (so the range checks report them)."""
+  try:
+    return float(x)
+  except OverflowError:
+    return math.inf if x > 0 else -math.inf
+
+
+# ---- scalars -------------------------------------------------------------------------------------------------
+
+def check_bool(name: str, value) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool, got {_got(value)}")
+  return bool(value)
+
+
+def check_int(name: str, value, minimum: int) -> int:
+  """A static Python (or NumPy) int >= minimum; bools are not ints here."""
+  if not _is_int(value):
+    raise TypeError(f"{name} must be an int, got {_got(value)}")
+  if value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+  return int(value)
+
+
+def check_choice(name: str, value, choices: tuple):
+  """One of `choices` (strings, or None where listed)."""
+  if not (value is None or isinstance(value, str)) or value not in choices:
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+  return value
+
+
+def check_axis(name: str, axis, ndim: int) -> int:
+  """An axis index of an ndim-dimensional array, negative values counting from the end; returned non-negative."""
+  if not _is_int(axis):
+    raise TypeError(f"{name} must be an int, got {_got(axis)}")
+  if not -ndim <= axis < ndim:
+    valid = f"an int in [-{ndim}, {ndim})" if ndim else "an axis, but a 0-dim array has none"
+    raise ValueError(f"{name} must be {valid} for an array of {ndim} dims, got {axis}")
+  return int(axis) % ndim
+
+
+def check_float_dtype(name: str, dtype) -> np.dtype:
+  """A floating dtype (anything jnp.dtype understands, e.g. jnp.bfloat16 or "float16")."""
+  try:
+    dt = None if dtype is None else jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  if dt is None or not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"{name} must be a floating dtype such as jnp.bfloat16 or jnp.float16, got "
+                    f"{repr(dtype) if dt is None else dt.name}")
+  return np.dtype(dt)
+
+
+# ---- arrays and shapes ---------------------------------------------------------------------------------------
 
 def _dtype_name(x) -> str:
   return np.dtype(x.dtype).name
 
 
+def check_is_array(name: str, x) -> None:
+  """A jax.Array (traced or not) or a NumPy array; Python lists, scalars and shape structs are not."""
+  if not isinstance(x, (jax.Array, np.ndarray)):
+    raise TypeError(f"{name} must be an array (jax.Array or numpy.ndarray), got {_got(x)}")
+
+
+def as_array(name: str, x):
+  """x as an array: arrays pass through, nested lists and Python numbers are converted (as jax.nn does); None,
+  strings, ragged lists and other objects raise TypeError."""
+  if isinstance(x, (jax.Array, np.ndarray)):
+    return x
+  try:
+    converted = np.asarray(x)
+  except (TypeError, ValueError):
+    converted = None
+  if converted is None or converted.dtype.kind not in "biuf":
+    raise TypeError(f"{name} must be an array (or a nested list of numbers), got {_got(x)}")
+  return converted
+
+
 def check_array(name: str, x, ndim: int, layout: str) -> None:
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+  check_is_array(name, x)
   if x.ndim != ndim:
     raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got shape {tuple(x.shape)}")
 
 
+def check_half_dtype(name: str, x) -> None:
+  if _dtype_name(x) not in HALF_DTYPES:
+    raise TypeError(f"{name} must be float16 or bfloat16, got {_dtype_name(x)}")
+
+
+def check_seqlen(name: str, seqlen: int) -> None:
+  if seqlen > MAX_SEQLEN:
+    raise ValueError(f"{name} must be at most MAX_SEQLEN = 2**29 = {MAX_SEQLEN} (the CUDA kernels' mask arithmetic "
+                     f"is int32), got {seqlen}")
+
+
+def check_head_dim(d: int, name: str = "head_dim") -> None:
+  if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
+    raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
+
+
+def check_head_dim_v(d: int, dv: int, d_name: str = "head_dim", dv_name: str = "head_dim_v") -> None:
+  if dv != d and (d, dv) not in ASYMMETRIC_HEAD_DIMS:
+    raise NotImplementedError(
+        f"{dv_name} must equal {d_name}, or ({d_name}, {dv_name}) must be one of {list(ASYMMETRIC_HEAD_DIMS)}; "
+        f"got {d_name}={d}, {dv_name}={dv}")
+
+
+def check_head_dims(d: int, dv: int) -> None:
+  """The head dims flash_attn_func serves: head_dim a multiple of 8 up to 256, head_dim_v == head_dim or (192, 128)."""
+  check_head_dim(d)
+  check_head_dim_v(d, dv)
+
+
 def check_qkv(q, k, v) -> None:
-  """Shapes (batch, seqlen, heads, head_dim), dtypes, GQA divisibility and head dims of q, k, v."""
-  layout_q = "(batch, seqlen_q, heads, head_dim)"
-  layout_kv = "(batch, seqlen_k, kv_heads, head_dim)"
-  check_array("q", q, 4, layout_q)
-  check_array("k", k, 4, layout_kv)
+  """Shapes (batch, seqlen, heads, head_dim), dtypes, GQA divisibility, head dims and sequence lengths of q, k, v."""
+  check_array("q", q, 4, "(batch, seqlen_q, heads, head_dim)")
+  check_array("k", k, 4, "(batch, seqlen_k, kv_heads, head_dim)")
   check_array("v", v, 4, "(batch, seqlen_k, kv_heads, head_dim_v)")
 
-  if _dtype_name(q) not in ("float16", "bfloat16"):
-    raise TypeError(f"q must be float16 or bfloat16, got {_dtype_name(q)}")
+  check_half_dtype("q", q)
   if not (q.dtype == k.dtype == v.dtype):
     raise TypeError(f"q, k and v must share a dtype, got q={_dtype_name(q)}, k={_dtype_name(k)}, "
                     f"v={_dtype_name(v)}")
 
-  b, _, h, d = q.shape
+  b, sq, h, d = q.shape
   bk, sk, hk, dk = k.shape
   bv, sv, hv, dv = v.shape
   if bk != b or bv != b:
@@ -48,50 +186,122 @@ def check_qkv(q, k, v) -> None:
     raise ValueError(f"k and v must have the same seqlen_k, got k={sk}, v={sv}")
   if hv != hk:
     raise ValueError(f"k and v must have the same number of kv_heads, got k={hk}, v={hv}")
-  if hk == 0 or h % hk != 0:
+  # heads = kv_heads = 0 is an empty problem, like batch 0; kv_heads = 0 with query heads is not.
+  if (h % hk if hk else h) != 0:
     raise ValueError(f"heads of q must be a multiple of kv_heads of k and v (GQA/MQA), got heads={h}, "
                      f"kv_heads={hk}")
   if dk != d:
     raise ValueError(f"k must have the head_dim of q, got q head_dim={d}, k head_dim={dk}")
   check_head_dims(d, dv)
-
-
-def check_head_dims(d: int, dv: int) -> None:
-  if d % 8 != 0 or not 8 <= d <= MAX_HEAD_DIM:
-    raise ValueError(f"head_dim must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
-  if dv != d and (d, dv) not in ASYMMETRIC_HEAD_DIMS:
-    raise NotImplementedError(
-        f"head_dim_v must equal head_dim, or (head_dim, head_dim_v) must be one of {list(ASYMMETRIC_HEAD_DIMS)}; "
-        f"got head_dim={d}, head_dim_v={dv}")
+  check_seqlen("seqlen_q", sq)
+  check_seqlen("seqlen_k", sk)
 
 
 def check_qkvpacked(qkv) -> None:
+  """qkv (batch, seqlen, 3, heads, head_dim) float16 | bfloat16, named as qkv in every message."""
   check_array("qkv", qkv, 5, "(batch, seqlen, 3, heads, head_dim)")
   if qkv.shape[2] != 3:
     raise ValueError(f"qkv must have shape (batch, seqlen, 3, heads, head_dim), got dim 2 = {qkv.shape[2]} "
                      f"(shape {tuple(qkv.shape)})")
+  check_half_dtype("qkv", qkv)
+  check_head_dim(qkv.shape[-1], "head_dim of qkv")
+  check_seqlen("seqlen of qkv", qkv.shape[1])
 
 
-def check_softmax_scale(softmax_scale, head_dim: int) -> float:
-  """Returns the scale to use: 1/sqrt(head_dim) by default."""
+def check_seq_lengths(name: str, lengths, batch: int):
+  """None, or per-example lengths as an int32 array of shape (batch,) (traced values are fine)."""
+  if lengths is None:
+    return None
+  lengths = jnp.asarray(as_array(name, lengths))
+  if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
+    raise ValueError(f"{name} must be an int32 array of shape (batch,) = ({batch},), got {lengths.dtype} "
+                     f"{tuple(lengths.shape)}")
+  return lengths
+
+
+def check_broadcastable(name: str, x, shape: tuple):
+  """x (4 dims) broadcastable to `shape` = (B, N, T, S) dimension by dimension, as jax.nn requires."""
+  if x.ndim != 4 or any(d not in (1, e) for d, e in zip(x.shape, shape)):
+    raise ValueError(f"{name} must be broadcastable to (B, N, T, S) = {shape}, got shape {tuple(x.shape)}")
+  return x
+
+
+def check_axis_name(axis_name) -> tuple[tuple[str, ...], int]:
+  """(the mesh axis names, their total size) of `axis_name`, a name or a tuple/list of distinct names, each bound by
+  the enclosing jax.shard_map (or any enclosing named axis, such as vmap's axis_name)."""
+  names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  bound = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+  where = f"the enclosing shard_map's axes are {bound}" if bound else "no jax.shard_map encloses this call"
+  expected = "axis_name must be a mesh axis of the enclosing jax.shard_map (a str, or a tuple of distinct ones)"
+  if not all(isinstance(a, str) for a in names):
+    raise TypeError(f"{expected}, got {axis_name!r}; {where}")
+  if not names or len(set(names)) != len(names):
+    raise ValueError(f"{expected}, got {axis_name!r}; {where}")
+  try:
+    sizes = [jax.lax.axis_size(a) for a in names]
+  except NameError:
+    raise ValueError(f"{expected}, got {axis_name!r}, which is not bound here; {where}") from None
+  return names, math.prod(int(s) for s in sizes)
+
+
+# ---- attention options ---------------------------------------------------------------------------------------
+
+def max_softmax_scale(head_dim: int) -> float:
+  """The largest softmax_scale whose scores cannot overflow float32 for inputs within float16's range."""
+  return _F32_MAX / (max(head_dim, 1) * _MAX_HALF_INPUT**2 * _LOG2_E)
+
+
+def check_softmax_scale(softmax_scale, head_dim: int, name: str = "softmax_scale") -> float:
+  """The scale to use: 1/sqrt(head_dim) by default; else a static number in [float32's smallest normal number,
+  max_softmax_scale(head_dim)] (the kernels take it as a float32 and scale scores by it in float32)."""
   if softmax_scale is None:
     return 1.0 / math.sqrt(head_dim)
-  if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.floating, np.integer)):
-    raise TypeError(f"softmax_scale must be a Python float or None, got {type(softmax_scale).__name__} "
-                    "(a traced value cannot be a compile-time kernel constant)")
-  scale = float(softmax_scale)
-  if not math.isfinite(scale) or scale <= 0:
-    raise ValueError(f"softmax_scale must be a finite number > 0, got {softmax_scale}")
+  if not _is_number(softmax_scale):
+    raise TypeError(f"{name} must be a Python float or None (a kernel compile-time constant), got "
+                    f"{_got(softmax_scale)}")
+  scale = _as_float(softmax_scale)
+  bound = max_softmax_scale(head_dim)
+  if not _F32_TINY <= scale <= bound:  # also rejects NaN
+    raise ValueError(f"{name} must be a number in [{_F32_TINY:.3g}, {bound:.3g}] for head_dim={head_dim} "
+                     f"(float32's smallest normal number up to float32_max / (head_dim * 65504**2 * log2(e)), above "
+                     f"which scores of inputs within float16's range could overflow float32), got {softmax_scale}")
   return scale
+
+
+def check_softcap(softcap) -> float:
+  """0 (off), or a static number in float32's normal range (the kernels compute softcap * log2(e) in float32)."""
+  if not _is_number(softcap):
+    raise TypeError(f"softcap must be a Python float, got {_got(softcap)}")
+  cap = _as_float(softcap)
+  bound = _F32_MAX / _LOG2_E
+  if cap != 0 and not _F32_TINY <= cap <= bound:  # also rejects NaN
+    raise ValueError(f"softcap must be 0 (off) or a number in [{_F32_TINY:.3g}, {bound:.3g}] (float32's normal "
+                     f"range: the kernels take it as a float32), got {softcap}")
+  return cap
+
+
+def check_scale_and_softcap(softmax_scale, softcap, head_dim: int, scale_name: str = "softmax_scale"):
+  """(scale, softcap), each checked, and with softcap on their ratio: the kernels form softmax_scale / softcap in
+  float32 as the tanh's argument scale, and an infinite one turns zero scores into NaN."""
+  scale = check_softmax_scale(softmax_scale, head_dim, scale_name)
+  cap = check_softcap(softcap)
+  if cap > 0 and scale / cap > _F32_MAX:
+    raise ValueError(f"{scale_name} / softcap must be at most float32's largest value {_F32_MAX:.3g} (the kernels "
+                     f"compute it in float32), got {scale_name}={scale}, softcap={cap}")
+  return scale, cap
+
+
+def _unbounded_if_longer_than_any_sequence(w: int) -> int:
+  """-1 (unbounded) for windows that reach past MAX_SEQLEN: no sequence is longer, so they exclude nothing."""
+  return -1 if w >= MAX_SEQLEN else w
 
 
 def check_window(window_size, causal) -> tuple[int, int]:
   """Returns (left, right) in FlashAttention's convention (-1 = unbounded), with causal folded in (right = 0)."""
-  if not isinstance(causal, (bool, np.bool_)):
-    raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+  causal = check_bool("causal", causal)
   if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-      or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window_size)):
-    raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+      or not all(_is_int(w) for w in window_size)):
+    raise TypeError(f"window_size must be a pair of ints (left, right), got {_shown(window_size)}")
   left, right = (int(w) for w in window_size)
   if left < -1 or right < -1:
     raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {(left, right)}")
@@ -100,27 +310,50 @@ def check_window(window_size, causal) -> tuple[int, int]:
       raise ValueError(f"causal=True allows no keys to the right of the diagonal, but window_size has right={right};"
                        f" pass window_size=({left}, 0) or ({left}, -1) with causal=True, or causal=False")
     right = 0
-  return left, right
+  return _unbounded_if_longer_than_any_sequence(left), _unbounded_if_longer_than_any_sequence(right)
 
 
-def check_softcap(softcap) -> float:
-  if isinstance(softcap, bool) or not isinstance(softcap, (int, float, np.floating, np.integer)):
-    raise TypeError(f"softcap must be a Python float, got {type(softcap).__name__}")
-  cap = float(softcap)
-  if not math.isfinite(cap) or cap < 0:
-    raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
-  return cap
-
-
-def check_bool(name: str, value) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-  return bool(value)
+def check_local_window_size(local_window_size) -> tuple[int | None, int | None]:
+  """jax.nn's local_window_size: None (no window), an int w (= (w, w)) or a pair (left, right) of ints >= 0."""
+  if local_window_size is None:
+    return None, None
+  pair = (local_window_size, local_window_size) if _is_int(local_window_size) else local_window_size
+  if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(_is_int(w) for w in pair):
+    raise TypeError(f"local_window_size must be None, an int or a pair (left, right) of ints, got "
+                    f"{_shown(local_window_size)}")
+  if pair[0] < 0 or pair[1] < 0:
+    raise ValueError(f"local_window_size must be None, an int >= 0 or a pair (left, right) of ints >= 0, got "
+                     f"{local_window_size!r}")
+  return int(pair[0]), int(pair[1])
 
 
 def attention_config(head_dim: int, softmax_scale, causal, window_size, softcap, deterministic) -> AttentionConfig:
   """The checked AttentionConfig for FlashAttention-style arguments (window -1 = unbounded, causal = right 0)."""
   left, right = check_window(window_size, causal)
-  return AttentionConfig(softmax_scale=check_softmax_scale(softmax_scale, head_dim),
-                         window_left=None if left < 0 else left, window_right=None if right < 0 else right,
-                         softcap=check_softcap(softcap), deterministic=check_bool("deterministic", deterministic))
+  scale, cap = check_scale_and_softcap(softmax_scale, softcap, head_dim)
+  return AttentionConfig(softmax_scale=scale, window_left=None if left < 0 else left,
+                         window_right=None if right < 0 else right, softcap=cap,
+                         deterministic=check_bool("deterministic", deterministic))
+
+
+# ---- transformations -----------------------------------------------------------------------------------------
+
+def first_order_only(fn):
+  """fn, the computation of a custom_vjp's forward or backward rule, wrapped so that differentiating it raises
+  NotImplementedError.
+
+  grad of grad, jvp / jacfwd of grad and hessians differentiate those rules, whose kernels (and their
+  custom_partitioning wrappers) have no derivative rules; without this they fail deep inside JAX. A custom_jvp
+  rule is consulted by every form of differentiation, under jit too, and costs nothing otherwise.
+  """
+  wrapped = jax.custom_jvp(fn)
+
+  @wrapped.defjvp
+  def _second_order(primals, tangents):
+    raise NotImplementedError(
+        "second-order derivatives of fa3_jax attention (jax.grad of jax.grad, jax.jvp / jacfwd of jax.grad, "
+        "jax.hessian) are not supported: the kernels and their partitioning wrappers have first-order rules only. "
+        "Differentiate attention once, or use jax.nn.dot_product_attention where higher-order derivatives are "
+        "needed")
+
+  return wrapped

@@ -12,7 +12,7 @@ Every rank holds a chunk of the sequence of q, k and v (BSHD; the sequence axis 
 Per (q chunk, kv chunk) pair the mask relation is static once the two chunks' global positions are known, but
 which pair a rank sees at a step is only known at run time (lax.axis_index), so each pair runs a `lax.switch` over
 the few distinct static configurations: skip (fully masked), full, or a window relative to the pair's offset
-(JAX_FFI.md §5.6). The kernels therefore receive only compile-time integer windows; nothing per device is an
+(docs/integration.md §6.1). The kernels therefore receive only compile-time integer windows; nothing per device is an
 attribute.
 
 Layouts: "contiguous" (rank r holds chunk r of n) or "zigzag" (the sequence cut into 2n chunks, rank r holds chunks
@@ -36,7 +36,6 @@ from jax.custom_derivatives import SymbolicZero
 from fa3_jax import _ops
 from fa3_jax import _validate
 from fa3_jax import _vma
-from fa3_jax import reference
 from fa3_jax._config import AttentionConfig
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -51,27 +50,35 @@ def _zigzag_chunk_order(num_shards: int) -> np.ndarray:
   return np.array([c for r in range(n) for c in (r, 2 * n - 1 - r)])
 
 
-def _permute_chunks(x, order: np.ndarray, axis: int):
+def _permute_chunks(x, num_shards, axis, inverse: bool):
+  """x with the 2 * num_shards chunks of `axis` in zig-zag order (or back to natural order if `inverse`)."""
+  _validate.check_is_array("x", x)
+  order = _zigzag_chunk_order(_validate.check_int("num_shards", num_shards, 1))
+  axis = _validate.check_axis("axis", axis, x.ndim)
   size = x.shape[axis]
   chunks = len(order)
   if size % chunks:
-    raise ValueError(f"the sequence axis ({size}) must be divisible by 2 * num_shards = {chunks}")
+    raise ValueError(f"x.shape[{axis}] (the sequence axis) must be divisible by 2 * num_shards = {chunks}, got "
+                     f"{size}")
   shape = x.shape[:axis] + (chunks, size // chunks) + x.shape[axis + 1:]
+  order = np.argsort(order) if inverse else order
   return jnp.take(x.reshape(shape), jnp.asarray(order), axis=axis).reshape(x.shape)
 
 
 def zigzag_reorder(x, num_shards: int, axis: int = 1):
   """Natural -> zig-zag order along `axis` (cut into 2 * num_shards chunks; shard r gets chunks r and 2n-1-r).
 
-  Apply it to the global q, k, v (or better, once, to token ids and positions) before sharding the sequence over
-  `num_shards` devices, and pass layout="zigzag" to `context_parallel_attention`.
+  x is a jax or NumPy array of any shape whose `axis` (an int, negative counting from the end) has a length
+  divisible by 2 * num_shards (an int >= 1); returns x's shape and dtype. Apply it to the global q, k, v (or better,
+  once, to token ids and positions) before sharding the sequence over `num_shards` devices, and pass
+  layout="zigzag" to `context_parallel_attention`.
   """
-  return _permute_chunks(x, _zigzag_chunk_order(num_shards), axis)
+  return _permute_chunks(x, num_shards, axis, inverse=False)
 
 
 def zigzag_restore(x, num_shards: int, axis: int = 1):
-  """Zig-zag -> natural order along `axis`: the inverse of `zigzag_reorder`."""
-  return _permute_chunks(x, np.argsort(_zigzag_chunk_order(num_shards)), axis)
+  """Zig-zag -> natural order along `axis`: the inverse of `zigzag_reorder`, with the same arguments."""
+  return _permute_chunks(x, num_shards, axis, inverse=True)
 
 
 # ---- static per-pair configurations ----------------------------------------------------------------------------
@@ -167,15 +174,20 @@ def _send(xs, axis_name, n: int):
   return out
 
 
+def _no_visible_keys(q, v, axes):
+  """(out, lse) of q rows that see no key: zeros and -inf, varying over `axes`."""
+  b, s, h, _ = q.shape
+  out = jnp.zeros((b, s, h, v.shape[-1]), q.dtype)
+  lse = jnp.full((b, h, s), -jnp.inf, jnp.float32)
+  return _vma.vary_over(out, axes), _vma.vary_over(lse, axes)
+
+
 def _fwd_branches(branches, axes):
   def make(c):
     def fn(q, k, v):
       if c == "skip":
-        b, s, h, _ = q.shape
-        out = jnp.zeros((b, s, h, v.shape[-1]), q.dtype)
-        lse = jnp.full((b, h, s), -jnp.inf, jnp.float32)
-      else:
-        out, lse = _ops.attention_fwd(q, k, v, c)
+        return _no_visible_keys(q, v, axes)
+      out, lse = _ops.attention_fwd(q, k, v, c)
       return _vma.vary_over(out, axes), _vma.vary_over(lse, axes)
     return fn
   return [make(c) for c in branches]
@@ -186,10 +198,8 @@ def _bwd_branches(branches, axes, with_dlse: bool):
     def fn(dout, q, k, v, out, lse, dlse):
       if c == "skip":
         grads = (jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v))
-      elif with_dlse:
-        grads = reference.attention_backward(q, k, v, out, lse, dout, c, dlse=dlse)
       else:
-        grads = _ops.attention_bwd(dout, q, k, v, out, lse, c)
+        grads = _ops.attention_bwd(dout, q, k, v, out, lse, c, dlse=dlse if with_dlse else None)
       return tuple(_vma.vary_over(g, axes) for g in grads)
     return fn
   return [make(c) for c in branches]
@@ -361,7 +371,9 @@ def _cp_attention(plan: _Plan, q, k, v):
 
 def _cp_fwd(plan, q, k, v):
   q, k, v = q.value, k.value, v.value  # symbolic_zeros=True wraps primals
-  out, lse = sequence_parallel_forward(q, k, v, plan.cfg, plan.axis_name, plan.layout, plan.strategy)
+  # Differentiating a gradient differentiates both this forward and the backward below: both refuse clearly.
+  fwd = lambda q, k, v: sequence_parallel_forward(q, k, v, plan.cfg, plan.axis_name, plan.layout, plan.strategy)
+  out, lse = _validate.first_order_only(fwd)(q, k, v)
   return (out, lse), (q, k, v, out, lse)
 
 
@@ -371,15 +383,15 @@ def _cp_bwd(plan, residuals, cotangents):
   dout = jnp.zeros_like(out) if isinstance(dout, SymbolicZero) else dout.astype(out.dtype)
   # The lse cotangent is only non-zero when lse is returned and used; it then runs the reference backward per pair.
   dlse = None if isinstance(dlse, SymbolicZero) else dlse
-  return sequence_parallel_backward(dout, q, k, v, out, lse, plan.cfg, plan.axis_name, plan.layout, plan.strategy,
-                                    dlse=dlse)
+
+  def bwd(dout, q, k, v, out, lse, dlse):
+    return sequence_parallel_backward(dout, q, k, v, out, lse, plan.cfg, plan.axis_name, plan.layout, plan.strategy,
+                                      dlse=dlse)
+
+  return _validate.first_order_only(bwd)(dout, q, k, v, out, lse, dlse)
 
 
 _cp_attention.defvjp(_cp_fwd, _cp_bwd, symbolic_zeros=True)
-
-
-def _axis_tuple(axis_name):
-  return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
 def context_parallel_attention(q, k, v, axis_name, *, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -391,7 +403,9 @@ def context_parallel_attention(q, k, v, axis_name, *, softmax_scale=None, causal
     q: local shard (batch, seqlen_q / n, heads, head_dim) float16 | bfloat16, the sequence sharded over
       `axis_name` (n devices) in `layout` order.
     k, v: local shards (batch, seqlen_k / n, kv_heads, head_dim[_v]); heads % kv_heads == 0 (GQA/MQA).
-    axis_name: the mesh axis (or tuple of axes) the sequence is sharded over.
+    axis_name: the mesh axis (a str, or a tuple of distinct ones) the sequence is sharded over; it must be an axis
+      of the enclosing `jax.shard_map` (ValueError otherwise, TypeError for a non-str). The global sequence lengths
+      (n times the local ones) are at most MAX_SEQLEN = 2**29.
     softmax_scale, causal, window_size, softcap, deterministic, return_lse: as `flash_attn_func`, applied to the
       global sequence (bottom-right aligned over the global lengths).
     layout: "contiguous" (shard r holds chunk r) or "zigzag" (shard r holds chunks r and 2n-1-r of 2n; see
@@ -401,18 +415,22 @@ def context_parallel_attention(q, k, v, axis_name, *, softmax_scale=None, causal
 
   Returns:
     The local shard of out (batch, seqlen_q / n, heads, head_dim_v), and with return_lse=True also lse
-    (batch, heads, seqlen_q / n) float32. Differentiable in q, k, v (dK/dV travel back around the ring).
+    (batch, heads, seqlen_q / n) float32. Differentiable in q, k, v (dK/dV travel back around the ring); second-order
+    derivatives raise NotImplementedError. Empty shards (batch, seqlen or heads 0) give empty / zero results.
   """
   _validate.check_qkv(q, k, v)
   cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-  if strategy not in STRATEGIES:
-    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+  layout = _validate.check_choice("layout", layout, LAYOUTS)
+  strategy = _validate.check_choice("strategy", strategy, STRATEGIES)
   return_lse = _validate.check_bool("return_lse", return_lse)
-  axes = _axis_tuple(axis_name)
-  plan = _Plan(cfg, axes[0] if len(axes) == 1 else axes, layout, strategy)
-  # Inside shard_map the sequence shards vary over the ring axes; K/V must vary like q (JAX_FFI.md §5.3).
+  axes, n = _validate.check_axis_name(axis_name)
+  _validate.check_seqlen(f"the global seqlen_q ({n} shards x {q.shape[1]})", n * q.shape[1])
+  _validate.check_seqlen(f"the global seqlen_k ({n} shards x {k.shape[1]})", n * k.shape[1])
+  # Inside shard_map the sequence shards vary over the ring axes; K/V must vary like q (docs/integration.md §4.7).
   q, k, v = _vma.match_varying_axes(q, k, v)
-  out, lse = _cp_attention(plan, q, k, v)
+  if 0 in q.shape[:3] or k.shape[1] == 0:  # nothing to compute; the ops require non-empty operands
+    out, lse = _no_visible_keys(q, v, _vma.varying_axes(q))
+  else:
+    plan = _Plan(cfg, axes[0] if len(axes) == 1 else axes, layout, strategy)
+    out, lse = _cp_attention(plan, q, k, v)
   return (out, lse) if return_lse else out

@@ -31,6 +31,7 @@ from fa3_jax import _validate
 from fa3_jax import _vma
 from fa3_jax._config import AttentionConfig
 from fa3_jax.attention import _attention
+from fa3_jax.attention import _empty_result
 
 # Masks computed inside a traced function from shapes alone (iota, compares, broadcasts) are evaluated at trace
 # time if they take at most this many operations and elements.
@@ -142,17 +143,8 @@ def analyse_mask(mask: np.ndarray) -> MaskStructure | None:
 
 # ---- validation ------------------------------------------------------------------------------------------------
 
-def _check_window(local_window_size) -> tuple[int | None, int | None]:
-  if local_window_size is None:
-    return None, None
-  if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
-    local_window_size = (local_window_size, local_window_size)
-  if (not isinstance(local_window_size, (tuple, list)) or len(local_window_size) != 2
-      or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) and w >= 0
-                 for w in local_window_size)):
-    raise ValueError(f"local_window_size must be None, an int >= 0 or a pair (left, right) of ints >= 0, got "
-                     f"{local_window_size!r}")
-  return int(local_window_size[0]), int(local_window_size[1])
+# fa3_jax.flax checks its local_window_size arguments under this name.
+_check_window = _validate.check_local_window_size
 
 
 def _min_bound(a: int | None, b: int | None) -> int | None:
@@ -161,16 +153,6 @@ def _min_bound(a: int | None, b: int | None) -> int | None:
 
 def _and_valid(a, b):
   return b if a is None else a if b is None else jnp.logical_and(a, b)
-
-
-def _check_lengths(name: str, lengths, batch: int):
-  if lengths is None:
-    return None
-  lengths = jnp.asarray(lengths)
-  if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
-    raise ValueError(f"{name} must be an int32 array of shape (batch,) = ({batch},), got {lengths.dtype} "
-                     f"{tuple(lengths.shape)}")
-  return lengths
 
 
 def _ensure_4d(x):
@@ -213,11 +195,14 @@ def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: fl
   """
   b, t, n, h = q.shape
   s = k.shape[1]
-  scale = _validate.check_softmax_scale(scale, h)
-  softcap = _validate.check_softcap(softcap)
+  _validate.check_seqlen("T (query's sequence length)", t)
+  _validate.check_seqlen("S (key's sequence length)", s)
+  scale, softcap = _validate.check_scale_and_softcap(scale, softcap, h, scale_name="scale")
   if 0 in q.shape[:3] or s == 0:
-    out = jnp.zeros((b, t, n, v.shape[-1]), q.dtype)
-    return out, jnp.full((b, n, t), -jnp.inf, jnp.float32)
+    return _empty_result(q, v, return_lse=True)
+  # Bounds that exclude nothing become unbounded, so that windows of any size stay within int32 arithmetic.
+  masking = dataclasses.replace(masking, left=None if masking.left is None or masking.left >= t - 1 else masking.left,
+                                right=None if masking.right is None or masking.right >= s - 1 else masking.right)
   if masking.kernel_expressible and _has_flash_path(q, k, v):
     cfg = AttentionConfig(softmax_scale=scale,
                           window_left=None if masking.left is None else masking.left + s - t,
@@ -288,15 +273,19 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   """Scaled dot-product attention with jax.nn.dot_product_attention's signature and semantics, on fa3_jax.
 
   Args:
-    query: (B, T, N, H) or (T, N, H); float16 | bfloat16 (kernel on Hopper) or float32 (reference path).
+    query: (B, T, N, H) or (T, N, H); float16 | bfloat16 (kernel on Hopper) or float32 (reference path). Arrays or,
+      as in jax.nn, nested lists. H >= 1; T and S are at most fa3_jax's MAX_SEQLEN = 2**29; sizes B, T, S or
+      N = K = 0 give empty / zero results.
     key: (B, S, K, H) or (S, K, H), query's dtype; N % K == 0 (GQA/MQA: query head n reads kv head n // (N // K)).
-    value: key's shape (except that H_v may differ from H as in flash_attn_func: (192, 128)).
+    value: key's shape, except that (H, H_v) may be (192, 128) as in flash_attn_func; other H_v != H raise
+      NotImplementedError (jax.nn rejects every H_v != H).
     bias: optional additive logits bias broadcastable to (B, N, T, S); runs the dense float32 path.
     mask: optional bool mask broadcastable to (B, N, T, S), True = attend. If its values are known at trace time
       (a constant, or computed from shapes only, like flax's make_causal_mask even inside jit) and it is a top-left
       causal/window band, it becomes kernel arguments; padding-shaped (query validity x key validity, optionally
       with a band) runs the dense path; anything else, or a mask depending on traced data, runs the dense path.
-    scale: logits scale, default 1/sqrt(H). Must be a Python number (a kernel compile-time constant).
+    scale: logits scale, default 1/sqrt(H). Must be a Python number (a kernel compile-time constant), at most
+      float32_max / (H * 65504**2 * log2(e)) (larger scales could overflow float32 scores; see flash_attn_func).
     is_causal: top-left causal: query i sees key j iff j <= i (jax.nn's convention; fa3_jax.flash_attn_func is
       bottom-right). With T != S this is AttentionConfig(window_right=T - S).
     query_seq_lengths: optional (B,) int32; query rows at or beyond the length output zeros.
@@ -309,14 +298,16 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
   Returns:
     (B, T, N, H_v) (or (T, N, H_v)) in query's dtype; with return_residual, (out, residual).
+
+  Calls that run the fa3 custom_vjp (see the module docstring) raise NotImplementedError for second-order
+  derivatives; the dense path supports them.
   """
-  if implementation in ("xla", "cudnn"):
+  if _validate.check_choice("implementation", implementation, (None, "fa3", "xla", "cudnn")) in ("xla", "cudnn"):
     return jax.nn.dot_product_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
         implementation=implementation, return_residual=return_residual)
-  if implementation not in (None, "fa3"):
-    raise ValueError(f"implementation must be None, 'fa3', 'xla' or 'cudnn', got {implementation!r}")
+  query, key, value = (_validate.as_array(name, x) for name, x in (("query", query), ("key", key), ("value", value)))
   unbatched = jnp.ndim(query) == 3
   q, k, v = (_ensure_4d(x) for x in (query, key, value))
   for name, x in (("query", q), ("key", k), ("value", v)):
@@ -327,23 +318,29 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
     raise TypeError(f"query, key and value must share a floating dtype, got query={q.dtype}, key={k.dtype}, "
                     f"value={v.dtype}")
-  if k.shape[0] != b or v.shape[:3] != k.shape[:3] or q.shape[-1] != k.shape[-1] or kh == 0 or n % kh:
+  # N = K = 0 is an empty problem (jax.nn divides by K there); K = 0 with query heads is not.
+  if k.shape[0] != b or v.shape[:3] != k.shape[:3] or q.shape[-1] != k.shape[-1] or (n % kh if kh else n):
     raise ValueError(f"expected query (B, T, N, H), key (B, S, K, H), value (B, S, K, H_v) with N % K == 0, got "
                      f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}")
+  if q.shape[-1] == 0:
+    raise ValueError(f"query and key must have a head dim H >= 1 (the default scale is 1/sqrt(H)), got query "
+                     f"{tuple(q.shape)}")
+  _validate.check_head_dim_v(q.shape[-1], v.shape[-1], d_name="H", dv_name="value's H_v")
   is_causal = _validate.check_bool("is_causal", is_causal)
   return_residual = _validate.check_bool("return_residual", return_residual)
   left, right = _check_window(local_window_size)
   masking = Masking(left=left, right=_min_bound(right, 0 if is_causal else None))
-  q_lengths = _check_lengths("query_seq_lengths", query_seq_lengths, b)
-  kv_lengths = _check_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
+  q_lengths = _validate.check_seq_lengths("query_seq_lengths", query_seq_lengths, b)
+  kv_lengths = _validate.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
   if q_lengths is not None:
     masking = dataclasses.replace(masking, q_valid=jnp.arange(t)[None, :] < q_lengths[:, None])
   if kv_lengths is not None:
     masking = dataclasses.replace(masking, kv_valid=jnp.arange(s)[None, :] < kv_lengths[:, None])
   if bias is not None:
-    masking = dataclasses.replace(masking, bias=_check_broadcastable("bias", _ensure_4d(bias), (b, n, t, s)))
+    bias = _validate.check_broadcastable("bias", _ensure_4d(_validate.as_array("bias", bias)), (b, n, t, s))
+    masking = dataclasses.replace(masking, bias=bias)
   if mask is not None:
-    mask = _check_broadcastable("mask", _ensure_4d(mask), (b, n, t, s))
+    mask = _validate.check_broadcastable("mask", _ensure_4d(_validate.as_array("mask", mask)), (b, n, t, s))
     if mask.dtype != jnp.bool_:
       raise TypeError(f"mask must be a bool array (True = attend), got {mask.dtype}")
     known = concrete_value(mask)
@@ -357,9 +354,3 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   if not return_residual:
     return out
   return out, jax.lax.stop_gradient(jnp.swapaxes(lse, -1, -2).astype(k.dtype))
-
-
-def _check_broadcastable(name: str, x, shape):
-  if x.ndim != 4 or any(d not in (1, e) for d, e in zip(x.shape, shape)):
-    raise ValueError(f"{name} must be broadcastable to (B, N, T, S) = {shape}, got shape {tuple(x.shape)}")
-  return x

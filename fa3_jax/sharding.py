@@ -2,7 +2,7 @@
 axis switches to context parallelism (ring attention, see context_parallel.py).
 
 A bare custom call is opaque to XLA's partitioner, which all-gathers every operand and runs the whole problem on
-every device (JAX_FFI.md §5.1). Three situations, decided at trace time:
+every device (docs/integration.md §5.1). Three situations, decided at trace time:
 
 - Inside a user's `shard_map` (manual axes): the operands already are local shards; call the ops directly.
 - Explicit mesh axes (`jax.make_mesh` default) on q's type: the specs are known while tracing; `shard_map` the
@@ -32,10 +32,9 @@ from jax.sharding import PartitionSpec as P
 
 from fa3_jax import _ops
 from fa3_jax import context_parallel
-from fa3_jax import reference
 from fa3_jax._config import AttentionConfig
 
-# Private switch for tests and debugging: False runs the ops unpartitioned (XLA then gathers, JAX_FFI.md §5.1).
+# Private switch for tests and debugging: False runs the ops unpartitioned (XLA then gathers, docs/integration.md §5.1).
 ENABLED = True
 
 
@@ -163,10 +162,8 @@ def local_bwd(dout, q, k, v, out, lse, dlse, cfg: AttentionConfig, layout: Layou
   if layout.seq:
     dq, dk, dv = context_parallel.sequence_parallel_backward(dout, q, ks, vs, out, lse, cfg, _seq_axis(layout),
                                                              dlse=dlse)
-  elif dlse is not None:
-    dq, dk, dv = reference.attention_backward(q, ks, vs, out, lse, dout, cfg, dlse=dlse)
   else:
-    dq, dk, dv = _ops.attention_bwd(dout, q, ks, vs, out, lse, cfg)
+    dq, dk, dv = _ops.attention_bwd(dout, q, ks, vs, out, lse, cfg, dlse=dlse)
   if sel is not None:
     dk, dv = _unselect_kv_grad(dk, k, layout, sel), _unselect_kv_grad(dv, v, layout, sel)
   return dq, dk, dv
@@ -237,7 +234,7 @@ def _heads_factors(mesh, h: int, hk: int):
 
 def _fwd_rule(cfg, mesh, operand_types, result_types):
   hq, hkv, sizes = _heads_factors(mesh, operand_types[0].shape[2], operand_types[1].shape[2])
-  # Special factors must be listed in order of first appearance (JAX_FFI.md §5.5).
+  # Special factors must be listed in order of first appearance (docs/integration.md §5.5).
   return (f"b s {hq} d, b t {hkv} d, b t {hkv} e -> b s {hq} e, b {hq} s",
           {**sizes, "need_replication_factors": ("d", "e")})
 
@@ -302,7 +299,7 @@ def attention_fwd(q, k, v, cfg: AttentionConfig):
   explicit = _explicit_layout(q, k)
   if explicit is not None:
     return _explicit_fwd(*explicit, q, k, v, cfg)
-  # custom_partitioning has no batching rule: fold vmap into batch / heads around it (JAX_FFI.md §3.3).
+  # custom_partitioning has no batching rule: fold vmap into batch / heads around it (docs/integration.md §4.5).
   op = _ops.fold_vmap(functools.partial(_partitioned_fwd, cfg), _ops.fwd_fold_into_heads)
   return tuple(op(q, k, v))
 
@@ -310,9 +307,7 @@ def attention_fwd(q, k, v, cfg: AttentionConfig):
 def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None):
   """(dq, dk, dv) of the global problem, shard by shard; dlse (the lse cotangent) is optional."""
   if not ENABLED or _inside_shard_map():
-    if dlse is not None:
-      return reference.attention_backward(q, k, v, out, lse, dout, cfg, dlse=dlse)
-    return _ops.attention_bwd(dout, q, k, v, out, lse, cfg)
+    return _ops.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse)
   explicit = _explicit_layout(q, k)
   if explicit is not None:
     return _explicit_bwd(*explicit, dout, q, k, v, out, lse, dlse, cfg)

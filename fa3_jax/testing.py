@@ -1,17 +1,60 @@
-"""Helpers for checking attention kernels the way FlashAttention-3 does (KERNELS.md §9.1); used by our GPU tests and
-the self-check of `python -m fa3_jax`, and usable by anyone comparing an attention implementation with the reference.
+"""Helpers for checking attention kernels the way FlashAttention-3 does (docs/kernels.md §9.1); used by our GPU tests
+and the self-check of `python -m fa3_jax`, and usable by anyone comparing an attention implementation with the
+reference.
 
 The rule: an implementation passes if its error against the float32 reference is at most `rtol` times the error of
 a plain same-precision implementation (`same_precision_attention`) plus `atol`, the output dtype's rounding noise.
+
+One check (`KernelCase`) is one XLA program: flash_attn_func's forward and backward, the float32 reference's and the
+same-precision baseline's, computed together (`compile_check`), then judged on the host (`run_check`). Compiling is
+what a check costs, so callers with many checks compile them in parallel; `check_kernel` does both steps.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fa3_jax._config import AttentionConfig
+
+# XLA's GEMM autotuning would only speed up the reference's and the baseline's matmuls (the kernels are custom calls)
+# and costs seconds per compilation, so checks compile without it. Never for timing: XLA's own attention needs it.
+CHECK_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+
+
+def extension_problem() -> str | None:
+  """Why the CUDA extension is not loaded in this process, or None if it is. Its ImportError alone does not say
+  whether the build skipped CUDA (the build records why in fa3_jax/_build_config.py) or the source tree shadows an
+  install."""
+  from fa3_jax import _extension
+  if _extension.module is not None:
+    return None
+  try:
+    from fa3_jax import _build_config
+  except ImportError:
+    return (f"fa3_jax is imported from the source tree {pathlib.Path(_extension.__file__).parent}, which holds no "
+            "build (it hides an installed fa3_jax; `pip install --no-build-isolation -e .` serves it with its build)")
+  if not _build_config.cuda_extension:
+    return f"this install was built without the CUDA extension ({_build_config.reason})"
+  return f"the CUDA extension was built but does not import ({_extension.import_error})"
+
+
+def kernel_problem() -> str | None:
+  """Why our kernels cannot run in this process (no GPU, a GPU other than Hopper, or no CUDA extension), or None
+  if they can."""
+  gpus = [d for d in jax.devices() if d.platform == "gpu"]
+  if not gpus:
+    return f"no GPU visible to JAX (backend {jax.default_backend()}): the kernels need a Hopper GPU"
+  others = sorted({f"{d.device_kind} (compute capability {getattr(d, 'compute_capability', 'unknown')})"
+                   for d in gpus if getattr(d, "compute_capability", None) != "9.0"})
+  if others:
+    return f"the kernels need a Hopper GPU (compute capability 9.0), found {', '.join(others)}"
+  problem = extension_problem()
+  return None if problem is None else f"this Hopper GPU has no kernels to run: {problem}"
 
 
 def same_precision_attention(q, k, v, cfg: AttentionConfig):
@@ -62,7 +105,126 @@ def fa3_check(name: str, out, ref, pt, *, softcap: bool, gradient: bool = False)
 def _poison_device_memory(nbytes: int) -> None:
   """Fill about nbytes of freed device memory with NaN, so that a kernel's unwritten output elements (which XLA
   allocates from that memory next) show up as NaN instead of stale plausible values."""
-  jax.block_until_ready(jnp.full((max(nbytes // 4, 1),), jnp.nan, jnp.float32)).delete()
+  # A power of two: one compiled fill serves many checks.
+  n = 1 << (max(nbytes // 4, 1) - 1).bit_length()
+  jax.block_until_ready(jnp.full((n,), jnp.nan, jnp.float32)).delete()
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+  """One check: flash_attn_func's arguments and the input shapes q (batch, seqlen_q, heads, head_dim),
+  k (batch, seqlen_k, kv_heads, head_dim), v (batch, seqlen_k, kv_heads, head_dim_v), dout like the output.
+  backward=False checks out and lse only."""
+
+  dtype: str  # "bfloat16" or "float16"
+  head_dim: int
+  head_dim_v: int
+  seqlen_q: int
+  seqlen_k: int
+  batch: int = 2
+  heads: int = 6
+  kv_heads: int = 6
+  causal: bool = False
+  window_size: tuple[int, int] = (-1, -1)
+  softcap: float = 0.0
+  backward: bool = True
+  deterministic: bool = False
+  seed: int = 0
+
+  def attention_kwargs(self) -> dict:
+    return dict(causal=self.causal, window_size=self.window_size, softcap=self.softcap,
+                deterministic=self.deterministic)
+
+  def describe(self) -> str:
+    """One line, e.g. 'bfloat16 128x128 fwd+bwd causal, 2 x 113 x 239, heads 4 / kv 2'."""
+    mask = [name for name, on in (("causal", self.causal),
+                                  (f"window {self.window_size}", self.window_size != (-1, -1)),
+                                  (f"softcap {self.softcap:g}", self.softcap > 0)) if on]
+    return (f"{self.dtype} {self.head_dim}x{self.head_dim_v} {'fwd+bwd' if self.backward else 'fwd'} "
+            f"{' + '.join(mask) or 'no mask'}, {self.batch} x {self.seqlen_q} x {self.seqlen_k}, "
+            f"heads {self.heads} / kv {self.kv_heads}")
+
+
+def _shapes(case: KernelCase) -> tuple[tuple[int, ...], ...]:
+  """Shapes of q, k, v, dout."""
+  b, sq, sk, h, hk, d, dv = (case.batch, case.seqlen_q, case.seqlen_k, case.heads, case.kv_heads, case.head_dim,
+                             case.head_dim_v)
+  return (b, sq, h, d), (b, sk, hk, d), (b, sk, hk, dv), (b, sq, h, dv)
+
+
+def _inputs(case: KernelCase):
+  """Fresh random normal q, k, v, dout of case.dtype, as host arrays (generating them with JAX would compile a
+  program per shape)."""
+  rng = np.random.default_rng(case.seed)
+  q, k, v, dout = (rng.standard_normal(shape, np.float32) for shape in _shapes(case))
+  if case.softcap > 0:
+    q = q * np.float32(case.softcap / 4)  # FA3's recipe: make the cap bite
+  return tuple(x.astype(jnp.dtype(case.dtype)) for x in (q, k, v, dout))
+
+
+def lower_check(case: KernelCase) -> jax.stages.Lowered:
+  """The check as one program (q, k, v, dout) -> {"out": (ours, reference, baseline), "lse": (ours, reference),
+  "dq" / "dk" / "dv": (ours, reference, baseline) with case.backward}, traced and lowered for the default backend."""
+  from fa3_jax import _validate, attention, reference  # late import: fa3_jax imports this module's siblings
+
+  cfg = _validate.attention_config(case.head_dim, None, case.causal, case.window_size, case.softcap,
+                                   case.deterministic)
+  kwargs = case.attention_kwargs()
+  as_f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+
+  def program(q, k, v, dout):
+    ours = lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs)
+    if case.backward:
+      # lse as aux: it gets no cotangent, so the backward is the one every caller without return_lse gets.
+      out, vjp, lse = jax.vjp(ours, q, k, v, has_aux=True)
+      grads = vjp(dout)
+    else:
+      (out, lse), grads = ours(q, k, v), ()
+    # Everything else reads its inputs through a barrier with our results, so it runs after our kernels: they write
+    # into memory that, apart from their inputs, only the poisoning in run_check touched before.
+    q, k, v, dout = jax.lax.optimization_barrier(((q, k, v, dout), (out, lse, grads)))[0]
+    # The oracle: the blockwise reference on float32 copies of the same inputs, with its own blockwise backward
+    # (memory linear in seqlen, cheap to compile), at full float32 matmul precision (JAX's default on GPUs is
+    # TF32, whose 10-bit mantissa is no better than the fp16 kernel under test).
+    with jax.default_matmul_precision("highest"):
+      ref_out, ref_lse = reference.attention_forward(*as_f32(q, k, v), cfg)
+      ref_grads = (reference.attention_backward(*as_f32(q, k, v), ref_out, ref_lse, dout.astype(jnp.float32), cfg)
+                   if case.backward else ())
+    baseline = lambda q, k, v: same_precision_attention(q, k, v, cfg)
+    if case.backward:
+      pt_out, pt_vjp = jax.vjp(baseline, q, k, v)
+      pt_grads = pt_vjp(dout)
+    else:
+      pt_out, pt_grads = baseline(q, k, v), ()
+    results = {"out": (out, ref_out, pt_out), "lse": (lse, ref_lse)}
+    results.update(zip(("dq", "dk", "dv"), zip(grads, ref_grads, pt_grads)))
+    return results
+
+  return jax.jit(program).lower(*(jax.ShapeDtypeStruct(shape, jnp.dtype(case.dtype)) for shape in _shapes(case)))
+
+
+def compile_check(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+  """Compiles a lowered check. XLA releases the GIL while it compiles, so calls from several threads overlap."""
+  return lowered.compile(CHECK_COMPILER_OPTIONS)
+
+
+def run_check(case: KernelCase, compiled: jax.stages.Compiled) -> list[tuple[bool, str]]:
+  """Runs a compiled check of `case` on fresh inputs and judges out, lse (and dq, dk, dv) with the FA3 rule.
+  Returns [(passed, message)]."""
+  inputs = [jax.device_put(x) for x in _inputs(case)]
+  memory = compiled.memory_analysis()
+  _poison_device_memory(memory.output_size_in_bytes + memory.temp_size_in_bytes)
+  results = compiled(*inputs)
+  softcap = case.softcap > 0
+  judged = [fa3_check("out", *results["out"], softcap=softcap)]
+  lse, ref_lse = (np.asarray(x) for x in results["lse"])
+  same_inf = np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+  finite = np.isfinite(lse) & np.isfinite(ref_lse)
+  lse_err = float(np.max(np.abs(lse[finite] - ref_lse[finite]), initial=0.0))
+  judged.append((same_inf and lse_err <= 1e-3, f"lse: -inf rows match {same_inf}, max error {lse_err:.2e}"))
+  judged += [fa3_check(name, *results[name], softcap=softcap, gradient=True)
+             for name in ("dq", "dk", "dv") if name in results]
+  return judged
 
 
 def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k: int, *, batch: int = 2,
@@ -71,47 +233,7 @@ def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k:
                  seed: int = 0) -> list[tuple[bool, str]]:
   """Runs flash_attn_func (the kernel, on a GPU build) and the float32 reference on fresh random inputs and checks
   out, lse and (with backward) dq, dk, dv with the FA3 rule. Returns [(passed, message)]."""
-  from fa3_jax import _validate, attention, reference  # late import: fa3_jax imports this module's siblings
-
-  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-  q = jax.random.normal(keys[0], (batch, seqlen_q, heads, head_dim), jnp.float32)
-  if softcap > 0:
-    q = q * (softcap / 4)  # FA3's recipe: make the cap bite
-  q = q.astype(dtype)
-  k = jax.random.normal(keys[1], (batch, seqlen_k, kv_heads, head_dim), jnp.float32).astype(dtype)
-  v = jax.random.normal(keys[2], (batch, seqlen_k, kv_heads, head_dim_v), jnp.float32).astype(dtype)
-  dout = jax.random.normal(keys[3], (batch, seqlen_q, heads, head_dim_v), jnp.float32).astype(dtype)
-  kwargs = dict(causal=causal, window_size=window_size, softcap=softcap, deterministic=deterministic)
-  cfg = _validate.attention_config(head_dim, None, causal, window_size, softcap, deterministic)
-
-  as_f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
-  ours = jax.jit(lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs))
-  # The oracle: the blockwise reference on float32 copies of the same inputs, with its own blockwise backward
-  # (memory linear in seqlen, cheap to compile), at full float32 matmul precision (JAX's default on GPUs is
-  # TF32, whose 10-bit mantissa is no better than the fp16 kernel under test).
-  highest = jax.default_matmul_precision("highest")
-  ref_fwd = jax.jit(lambda q, k, v: reference.attention_forward(*as_f32(q, k, v), cfg))
-  pt = jax.jit(lambda q, k, v: same_precision_attention(q, k, v, cfg))
-  jax.block_until_ready(ours.lower(q, k, v).compile())
-  _poison_device_memory(4 * q.size * 4)
-  out, lse = ours(q, k, v)
-  with highest:
-    ref_out, ref_lse = ref_fwd(q, k, v)
-  results = [fa3_check("out", out, ref_out, pt(q, k, v), softcap=softcap > 0)]
-  lse, ref_lse_np = np.asarray(lse), np.asarray(ref_lse)
-  same_inf = np.array_equal(np.isneginf(lse), np.isneginf(ref_lse_np))
-  finite = np.isfinite(lse) & np.isfinite(ref_lse_np)
-  lse_err = float(np.max(np.abs(lse[finite] - ref_lse_np[finite]), initial=0.0))
-  results.append((same_inf and lse_err <= 1e-3, f"lse: -inf rows match {same_inf}, max error {lse_err:.2e}"))
-  if backward:
-    def grads(fn):
-      return jax.jit(lambda q, k, v, dout: jax.vjp(fn, q, k, v)[1](dout))
-
-    got = grads(lambda q, k, v: attention.flash_attn_func(q, k, v, **kwargs))(q, k, v, dout)
-    with highest:
-      want = jax.jit(lambda q, k, v, out, lse, dout: reference.attention_backward(
-          *as_f32(q, k, v, out), lse, dout.astype(jnp.float32), cfg))(q, k, v, ref_out, ref_lse, dout)
-    base = grads(lambda q, k, v: same_precision_attention(q, k, v, cfg))(q, k, v, dout)
-    for name, g, w, b in zip(("dq", "dk", "dv"), got, want, base):
-      results.append(fa3_check(name, g, w, b, softcap=softcap > 0, gradient=True))
-  return results
+  case = KernelCase(jnp.dtype(dtype).name, head_dim, head_dim_v, seqlen_q, seqlen_k, batch=batch, heads=heads,
+                    kv_heads=kv_heads, causal=causal, window_size=tuple(window_size), softcap=softcap,
+                    backward=backward, deterministic=deterministic, seed=seed)
+  return run_check(case, compile_check(lower_check(case)))

@@ -3,7 +3,8 @@
 # (cuda/tests/run_fwd_check.sh and run_bwd_check.sh build and run the kernels' standalone checkers, without JAX;
 # cuda/tests/run_fwd_ab.sh times the forward of several source trees in interleaved rounds.)
 #
-#   scripts/gpu_run.sh [build] [check] [sanitize] [test] [example] [bench] [bench-quick]  (default: build check test bench)
+#   scripts/gpu_run.sh [build] [check] [sanitize] [test] [example] [bench] [bench-quick] [readme]
+#   (default: build check test bench; readme installs as the README says, removing stage build's in-place module)
 #
 # Environment: OUT (results folder, default ./gpu_out), FA3_JAX_HEAD_DIMS / FA3_JAX_DTYPES / FA3_JAX_DIRECTIONS
 # (kernel subset, default all), WHEELS (folder with nvidia_cutlass-4.2.0.0 and optional peers such as flash_attn3_jax, default ./.whl),
@@ -19,8 +20,9 @@ mkdir -p "$OUT"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(build check test bench)
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# For correctness runs: XLA's GEMM autotuning only speeds up the reference's own matmuls (our kernels are custom
-# calls) and costs compile time in every case (~16 s each). Not for timing: XLA's own attention is slow without it.
+# For the GPU tests: XLA's GEMM autotuning only speeds up the reference's own matmuls (our kernels are custom calls)
+# and costs compile time in every case (~16 s each). Not for timing: XLA's own attention is slow without it. (The
+# checks of fa3_jax.testing, which `python -m fa3_jax` runs, compile without it by themselves.)
 NO_AUTOTUNE="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 status=0
 
@@ -57,8 +59,7 @@ for stage in "${stages[@]}"; do
     ;;
   check)
     # Correctness only; timing belongs to the bench stages.
-    XLA_FLAGS="$NO_AUTOTUNE" python3 -m fa3_jax --no-timing ${MAIN_ARGS:-} 2>&1 \
-      | tee "$OUT/selfcheck.txt" || status=1
+    python3 -m fa3_jax --no-timing ${MAIN_ARGS:-} 2>&1 | tee "$OUT/selfcheck.txt" || status=1
     ;;
   sanitize)
     # compute-sanitizer memcheck + racecheck on small shapes, through the standalone forward checker.
@@ -84,6 +85,27 @@ for stage in "${stages[@]}"; do
     python3 benchmarks/bench_attention.py --head-dims ${BENCH_HEAD_DIMS:-128} --seqlens 2048 8192 --repeats 3 \
       --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=1
     cat "$OUT/bench/results.md"
+    ;;
+  readme)
+    # The README's Hopper install and first result as a new user types them, in the image's Python (which has jax,
+    # the build tools and the test packages; offline, so pip reads the nvidia-cutlass wheel from $WHEELS), timed
+    # (target: python -m fa3_jax under 60 s). Without PYTHONPATH, which would show /tmp/site's CUTLASS to the build.
+    rm -rf build/cutlass fa3_jax/_fa3_jax_cuda*.so  # a new user's checkout: no CUTLASS yet, no in-place module
+    (
+      unset PYTHONPATH
+      set -eo pipefail
+      start=$(date +%s)
+      python3 -m pip install -q --no-index --find-links "$WHEELS" scikit-build-core nanobind cmake ninja
+      python3 -m pip install -q --no-index --find-links "$WHEELS" --no-deps --target build/cutlass \
+        nvidia-cutlass==4.2.0.0
+      FA3_JAX_CUDA=ON python3 -m pip install -q --no-index --no-build-isolation -e ".[test]" 2>&1 \
+        | tee "$OUT/readme_pip.txt"
+      echo "install: $(( $(date +%s) - start )) s (FA3_JAX_HEAD_DIMS=${FA3_JAX_HEAD_DIMS:-all})"
+      python3 -c "from fa3_jax import _extension as e; assert e.module is not None, e.import_error"
+      start=$(date +%s)
+      python3 -m fa3_jax ${MAIN_ARGS:-}
+      echo "python -m fa3_jax: $(( $(date +%s) - start )) s"
+    ) 2>&1 | tee "$OUT/readme.txt" || status=1
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -167,3 +167,90 @@ def test_multi_gpu_benchmark_script_runs_on_fake_cpu_devices(tmp_path):
   assert sum(batch_heads["fwd_collectives"].values()) == sum(batch_heads["grad_collectives"].values()) == 0
   assert [(r["seqlen"], r["causal"]) for r in result["timing"]] == [(64, True), (64, False)]
   assert "| 64 | True (zigzag) |" in (tmp_path / "multi_gpu.md").read_text()
+
+
+# ---- argument checks -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [cp.zigzag_reorder, cp.zigzag_restore])
+def test_zigzag_negative_axis_and_numpy_input(fn):
+  x = np.arange(2 * 16 * 3).reshape(2, 16, 3)
+  want = fn(jnp.asarray(x), 4, axis=1)
+  np.testing.assert_array_equal(fn(x, 4, axis=-2), want)
+  np.testing.assert_array_equal(fn(np.swapaxes(x, 1, 2), 4, axis=-1), np.swapaxes(want, 1, 2))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(num_shards=0), ValueError, "num_shards must be an int >= 1, got 0"),
+    (dict(num_shards=-2), ValueError, "num_shards must be an int >= 1, got -2"),
+    (dict(num_shards=1.5), TypeError, "num_shards must be an int, got float"),
+    (dict(num_shards=True), TypeError, "num_shards must be an int, got bool"),
+    (dict(num_shards=2, axis=2), ValueError, r"axis must be an int in \[-2, 2\) for an array of 2 dims, got 2"),
+    (dict(num_shards=2, axis=-3), ValueError, r"axis must be an int in \[-2, 2\)"),
+    (dict(num_shards=2, axis=1.0), TypeError, "axis must be an int, got float"),
+    (dict(num_shards=3), ValueError, r"x.shape\[1\] \(the sequence axis\) must be divisible by 2 \* num_shards = 6"),
+])
+@pytest.mark.parametrize("fn", [cp.zigzag_reorder, cp.zigzag_restore])
+def test_zigzag_arguments_are_validated(fn, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    fn(jnp.zeros((2, 8)), **kwargs)
+
+
+@pytest.mark.parametrize("x", [[[1, 2, 3, 4]], None, 3.0])
+def test_zigzag_rejects_non_arrays(x):
+  with pytest.raises(TypeError, match="x must be an array"):
+    cp.zigzag_reorder(x, 1)
+
+
+def sharded_call(mesh, axis_name, q, k=None, v=None, **kwargs):
+  k = q if k is None else k
+  v = k if v is None else v
+  spec = P("dp", "sp")
+  f = jax.shard_map(lambda q, k, v: cp.context_parallel_attention(q, k, v, axis_name, return_lse=True, **kwargs),
+                    mesh=mesh, in_specs=(spec,) * 3, out_specs=(spec, P("dp", None, "sp")))
+  return jax.jit(f)(q, k, v)
+
+
+@pytest.mark.parametrize("axis_name,error,match", [
+    ("tp", ValueError, r"got 'tp', which is not bound here; the enclosing shard_map's axes are \('dp', 'sp'\)"),
+    (None, TypeError, "got None"),
+    (1, TypeError, "got 1"),
+    ((), ValueError, r"got \(\)"),
+    (("sp", "sp"), ValueError, r"got \('sp', 'sp'\)"),
+])
+def test_axis_name_must_be_an_axis_of_the_enclosing_shard_map(mesh, axis_name, error, match):
+  q = jnp.zeros((2, 32, 2, 16), jnp.float16)
+  with pytest.raises(error, match="axis_name must be a mesh axis of the enclosing jax.shard_map .*" + match):
+    sharded_call(mesh, axis_name, q)
+
+
+def test_outside_shard_map_the_error_says_so():
+  q = jnp.zeros((1, 8, 2, 16), jnp.float16)
+  for f in (cp.context_parallel_attention, jax.jit(cp.context_parallel_attention, static_argnums=3)):
+    with pytest.raises(ValueError, match="axis_name must be a mesh axis .* no jax.shard_map encloses this call"):
+      f(q, q, q, "sp")
+
+
+def test_global_seqlen_above_max_is_rejected(mesh):
+  spec = P(None, "sp")
+  f = jax.shard_map(lambda q, k, v: cp.context_parallel_attention(q, k, v, "sp"), mesh=mesh, in_specs=(spec,) * 3,
+                    out_specs=spec)
+  q = jax.ShapeDtypeStruct((1, 2**29 + N, 1, 16), jnp.float16)  # every local shard is below the limit
+  k = jax.ShapeDtypeStruct((1, 8, 1, 16), jnp.float16)
+  with pytest.raises(ValueError, match=rf"the global seqlen_q \({N} shards x .*\) must be at most MAX_SEQLEN"):
+    jax.eval_shape(f, q, k, k)
+
+
+@pytest.mark.parametrize("shape_q,shape_k", [((0, 32, 2, 16), (0, 32, 2, 16)), ((2, 0, 2, 16), (2, 32, 2, 16)),
+                                             ((2, 32, 2, 16), (2, 0, 2, 16)), ((2, 32, 0, 16), (2, 32, 0, 16))])
+def test_empty_shards_give_zero_outputs_and_minus_inf_lse(mesh, shape_q, shape_k):
+  q, k = jnp.ones(shape_q, jnp.float16), jnp.ones(shape_k, jnp.float16)
+  out, lse = sharded_call(mesh, "sp", q, k, layout="zigzag")
+  assert out.shape == shape_q and lse.shape == (shape_q[0], shape_q[2], shape_q[1])
+  assert not np.asarray(out, np.float32).any() and (np.asarray(lse) == -np.inf).all()
+
+
+def test_second_order_derivatives_raise_not_implemented(mesh):
+  q, k, v = random_qkv(13, 2, 32, 32, 2, 2, 16)
+  loss = lambda q: jnp.sum(sharded_call(mesh, "sp", q, k, v, causal=True)[0].astype(jnp.float32))
+  with pytest.raises(NotImplementedError, match="second-order derivatives"):
+    jax.grad(lambda q: jnp.sum(jax.grad(loss)(q).astype(jnp.float32)))(q)

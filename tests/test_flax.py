@@ -175,3 +175,165 @@ def test_nnx_module_with_sharded_params_on_8_devices_matches_stock():
   _close(_grads(ours, xs), _grads(stock, x, is_causal=True))
   assert placed["query"]["kernel"].sharding.spec == P(None, "model", None)
   assert len(placed["query"]["kernel"].sharding.device_set) == 8
+
+
+# ---- argument checks: a clear exception naming the argument, at construction or trace time ----------------------
+
+def _linen_module(**kw):
+  return fl.MultiHeadAttention(**{"num_heads": N, **kw})
+
+
+def _nnx_module(**kw):
+  kw = {"num_heads": N, "in_features": F, **kw}
+  return fx.MultiHeadAttention(kw.pop("num_heads"), kw.pop("in_features"), rngs=nnx.Rngs(0), **kw)
+
+
+BAD_MODULE_ARGS = [
+    (dict(causal="no"), TypeError, "causal"),
+    (dict(num_heads=0), ValueError, "num_heads"),
+    (dict(num_heads=2.0), TypeError, "num_heads"),
+    (dict(num_kv_heads=0), ValueError, "num_kv_heads"),
+    (dict(num_kv_heads=3), ValueError, "num_kv_heads"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(softcap="30"), TypeError, "softcap"),
+    (dict(softmax_scale=0.0), ValueError, "softmax_scale"),
+    (dict(softmax_scale="0.1"), TypeError, "softmax_scale"),
+    (dict(rope_theta=-1.0), ValueError, "rope_theta"),
+    (dict(local_window_size="3"), TypeError, "local_window_size"),
+    (dict(local_window_size=(-1, 0)), ValueError, "local_window_size"),
+    (dict(qkv_features=30), ValueError, "qkv_features"),
+    (dict(qkv_features=36, rope_theta=1e4), ValueError, "even head_dim"),
+    (dict(out_features=0), ValueError, "out_features"),
+    (dict(dense_mask_fallback="no"), TypeError, "dense_mask_fallback"),
+    (dict(dtype=jnp.int32), TypeError, "dtype"),
+]
+
+
+@pytest.mark.parametrize("make", [_linen_module, _nnx_module], ids=["linen", "nnx"])
+@pytest.mark.parametrize("kw, error, name", BAD_MODULE_ARGS, ids=[str(a[0]) for a in BAD_MODULE_ARGS])
+def test_bad_module_arguments_raise_at_construction(make, kw, error, name):
+  with pytest.raises(error, match=name):
+    make(**kw)
+
+
+def test_linen_odd_rotary_head_dim_from_the_inputs_raises_at_init():
+  module = fl.MultiHeadAttention(num_heads=4, rope_theta=1e4)  # head_dim = 36 // 4 is only known from the inputs
+  with pytest.raises(ValueError, match="even head_dim"):
+    module.init(jax.random.key(0), jnp.ones((B, T, 36)))
+
+
+BAD_ATTENTION_FN_ARGS = [
+    (dict(is_causal="no"), TypeError, "is_causal"), (dict(scale=0.0), ValueError, "scale"),
+    (dict(scale="0.1"), TypeError, "scale"), (dict(softcap=-2.0), ValueError, "softcap"),
+    (dict(local_window_size=1.5), TypeError, "local_window_size"),
+    (dict(dense_mask_fallback=1), TypeError, "dense_mask_fallback"),
+]
+
+
+@pytest.mark.parametrize("kw, error, name", BAD_ATTENTION_FN_ARGS, ids=[str(a[0]) for a in BAD_ATTENTION_FN_ARGS])
+def test_bad_make_attention_fn_arguments_raise_at_construction(kw, error, name):
+  with pytest.raises(error, match=name):
+    fx.make_attention_fn(**kw)
+
+
+_Q, _KV = (B, T, N, 16), (B, T, 2, 16)
+
+
+BAD_QKV = [
+    ((_Q, (1, T, 2, 16), (1, T, 2, 16)), "same batch dims"),  # a batch of 1 is not broadcast
+    ((_Q, _KV[1:], _KV[1:]), "same batch dims"),
+    ((_Q, (B, T, 3, 16), (B, T, 3, 16)), "multiple of key's and value's kv_heads"),
+    ((_Q, _KV, (B, T, 1, 16)), "key and value must have the same kv_len and kv_heads"),
+    ((_Q, _KV, (B, T + 1, 2, 16)), "key and value must have the same kv_len and kv_heads"),
+    ((_Q, (B, T, 2, 8), (B, T, 2, 8)), "query and key must have the same head_dim"),
+    (((B, T, 0, 16), (B, T, 0, 16), (B, T, 0, 16)), "kv_heads, both > 0"),
+    ((_Q[2:], _KV[2:], _KV[2:]), "query must have shape"),
+]
+
+
+@pytest.mark.parametrize("shapes, match", BAD_QKV, ids=["x".join(map(str, s)) for s, _ in BAD_QKV])
+def test_attention_fn_rejects_mismatched_qkv(shapes, match):
+  q, k, v = (jnp.ones(s) for s in shapes)
+  with pytest.raises(ValueError, match=match):
+    fx.attention_fn(q, k, v)
+
+
+def test_attention_fn_rejects_bad_types_masks_and_bias():
+  q, k = jnp.ones(_Q), jnp.ones(_KV)
+  with pytest.raises(TypeError, match="query must be a floating-point array"):
+    fx.attention_fn(q.astype(jnp.int32), k, k)
+  with pytest.raises(TypeError, match="dtype"):
+    fx.attention_fn(q, k, k, dtype=jnp.int32)
+  with pytest.raises(TypeError, match="is_causal"):
+    fx.attention_fn(q, k, k, is_causal="yes")
+  with pytest.raises(ValueError, match="mask must be broadcastable"):
+    fx.attention_fn(q, k, k, mask=jnp.ones((B + 1, 1, T, T), bool))
+  with pytest.raises(ValueError, match="bias must be broadcastable"):
+    fx.attention_fn(q, k, k, bias=jnp.ones((1, 1, T + 1, T)))
+
+
+def test_attention_fn_empty_batch_and_keys_give_zeros_of_the_right_shape():
+  q, k = jnp.ones((0, 3, T, N, 16)), jnp.ones((0, 3, 0, 2, 16))  # reshape(-1, ...) cannot infer these batches
+  assert fx.attention_fn(q, k, k).shape == q.shape
+  q, k = jnp.ones(_Q), jnp.ones((B, 0, 2, 16))
+  np.testing.assert_array_equal(fx.attention_fn(q, k, k), np.zeros(_Q))
+
+
+def _linen_call(*args, rope=True, **kw):
+  module = fl.MultiHeadAttention(num_heads=N, rope_theta=1e4 if rope else None)
+  return module.init(jax.random.key(0), *args, **kw)
+
+
+def _nnx_call(*args, rope=True, **kw):
+  return fx.MultiHeadAttention(N, F, rope_theta=1e4 if rope else None, rngs=nnx.Rngs(0))(*args, **kw)
+
+
+BAD_CALLS = [
+    ((), dict(mask=jnp.ones((B + 1, 1, T, T), bool)), ValueError, "mask"),
+    ((), dict(mask=jnp.ones((1, T, T), bool)), ValueError, "mask"),
+    ((), dict(query_seq_lengths=jnp.array([5.0, 8.0])), TypeError, "query_seq_lengths"),
+    ((), dict(query_seq_lengths=5), ValueError, "query_seq_lengths"),
+    ((), dict(key_value_seq_lengths=jnp.ones((B, 1), jnp.int32)), ValueError, "key_value_seq_lengths"),
+    ((), dict(positions=jnp.arange(T + 1)), ValueError, "positions"),
+    ((), dict(positions=jnp.zeros((B + 1, T), jnp.int32)), ValueError, "positions"),
+    ((), dict(positions=jnp.arange(T) * 1.0), TypeError, "positions"),
+    ((jnp.ones((B, T + 2, F)),), dict(kv_positions=jnp.arange(T)), ValueError, "kv_positions"),
+    ((), dict(positions=jnp.arange(T), rope=False), ValueError, "rope_theta=None"),
+    ((jnp.ones((1, T, F)),), {}, ValueError, "same batch size"),
+    ((jnp.ones((B, T, F)), jnp.ones((B, T + 1, F))), {}, ValueError, "inputs_k and inputs_v must have the same kv_len"),
+    ((jnp.ones((B, T, 2, F)),), {}, ValueError, "inputs_k must have shape"),
+]
+
+
+@pytest.mark.parametrize("call", [_linen_call, _nnx_call], ids=["linen", "nnx"])
+@pytest.mark.parametrize("args, kw, error, match", BAD_CALLS, ids=[f"{a[3]}-{i}" for i, a in enumerate(BAD_CALLS)])
+def test_bad_module_call_arguments_raise(call, args, kw, error, match):
+  with pytest.raises(error, match=match):
+    call(_x(13), *args, **kw)
+
+
+@pytest.mark.parametrize("call", [_linen_call, _nnx_call], ids=["linen", "nnx"])
+def test_module_rejects_inputs_q_without_a_batch(call):
+  with pytest.raises(ValueError, match="inputs_q must have shape"):
+    call(_x(14, (T, F)))
+
+
+def test_nnx_module_rejects_inputs_with_other_features():
+  with pytest.raises(ValueError, match="in_features = 64"):
+    _nnx_call(_x(15, (B, T, F // 2)))
+  with pytest.raises(ValueError, match="in_kv_features = 64"):
+    _nnx_call(_x(15), _x(16, (B, T, F + 8)))
+
+
+def test_module_accepts_broadcast_positions_and_lengths_as_lists():
+  model = _nnx_module(rope_theta=1e4)
+  x = _x(17)
+  _close(model(x, positions=jnp.arange(T)[None], query_seq_lengths=[5, 8]),
+         model(x, query_seq_lengths=jnp.array([5, 8], jnp.int32)))
+
+
+def test_apply_rotary_checks_head_dim_and_positions():
+  with pytest.raises(ValueError, match="even head_dim"):
+    fx.apply_rotary(jnp.ones((B, T, N, 9)), jnp.arange(T))
+  with pytest.raises(TypeError, match="positions must be an integer array"):
+    fx.apply_rotary(jnp.ones((B, T, N, 8)), jnp.arange(T) * 0.5)

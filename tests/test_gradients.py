@@ -165,3 +165,31 @@ def test_forward_mode_is_not_supported():
   q, k, v = random_qkv(12, 1, 8, 8, 1, 1, 32)
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda q: fa3_jax.flash_attn_func(q, k, v), (q,), (q,))
+
+
+# ---- second order ------------------------------------------------------------------------------------------
+
+def _first_order_loss(q, k, v):
+  return fa3_jax.flash_attn_func(q, k, v, causal=True).astype(jnp.float32).sum()
+
+
+@pytest.mark.parametrize("second_order", [
+    lambda f, x: jax.grad(lambda x: jax.grad(f)(x).astype(jnp.float32).sum())(x),
+    lambda f, x: jax.jit(jax.grad(lambda x: jax.grad(f)(x).astype(jnp.float32).sum()))(x),
+    lambda f, x: jax.jvp(jax.grad(f), (x,), (x,)),
+    lambda f, x: jax.jit(lambda x: jax.jvp(jax.grad(f), (x,), (x,)))(x),
+    lambda f, x: jax.hessian(f)(x),
+], ids=["grad_grad", "jit_grad_grad", "jvp_grad", "jit_jvp_grad", "hessian"])
+@pytest.mark.parametrize("wrt", ["q", "k"])
+def test_second_order_derivatives_raise_not_implemented(second_order, wrt):
+  q, k, v = random_qkv(13, 1, 8, 8, 1, 1, 8)
+  f = (lambda q: _first_order_loss(q, k, v)) if wrt == "q" else (lambda k: _first_order_loss(q, k, v))
+  with pytest.raises(NotImplementedError, match="second-order derivatives of fa3_jax attention .* are not supported"):
+    second_order(f, q if wrt == "q" else k)
+
+
+def test_differentiating_the_vjp_in_its_cotangent_raises_not_implemented():
+  q, k, v = random_qkv(14, 1, 8, 8, 1, 1, 8)
+  _, vjp = jax.vjp(lambda q: fa3_jax.flash_attn_func(q, k, v), q)
+  with pytest.raises(NotImplementedError, match="second-order derivatives"):
+    jax.grad(lambda c: vjp(c)[0].astype(jnp.float32).sum())(jnp.ones_like(q))

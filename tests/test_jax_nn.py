@@ -122,3 +122,81 @@ def test_bad_arguments_raise_clear_errors():
     dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array([1, 2, 3], jnp.int32))
   with pytest.raises(ValueError, match="implementation"):
     dot_product_attention(q, k, v, implementation="triton")
+
+
+@pytest.mark.parametrize("h,hv,error", [(16, 8, NotImplementedError), (64, 32, NotImplementedError),
+                                        (128, 192, NotImplementedError), (192, 128, None)])
+def test_head_dim_v_pairs_follow_the_docstring(h, hv, error):
+  q, k, _ = _qkv(8, h=h)
+  v = jnp.ones((2, 9, 2, hv))
+  if error is None:
+    assert dot_product_attention(q, k, v).shape == (2, 7, 4, hv)
+  else:
+    with pytest.raises(error, match=rf"value's H_v must equal H, .* got H={h}, value's H_v={hv}"):
+      dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(local_window_size=1.5), TypeError, "local_window_size must be None, an int or a pair"),
+    (dict(local_window_size=True), TypeError, "local_window_size must be None, an int or a pair"),
+    (dict(local_window_size=-1), ValueError, "local_window_size must be None, an int >= 0"),
+    (dict(scale=1e38), ValueError, r"scale must be a number in \[1.18e-38, "),
+    (dict(scale=0.0), ValueError, "scale must be a number in"),
+    (dict(is_causal=1), TypeError, "is_causal must be a bool, got int"),
+    (dict(implementation=["fa3"]), ValueError, "implementation must be one of"),
+    (dict(mask=jnp.ones((1, 1, 1, 7, 9), bool)), ValueError, "mask must be broadcastable"),
+    (dict(mask="causal"), TypeError, "mask must be an array"),
+    (dict(bias=object()), TypeError, "bias must be an array"),
+    (dict(query_seq_lengths=jnp.array([3.0, 4.0])), ValueError, "query_seq_lengths must be an int32 array"),
+    (dict(query_seq_lengths="3"), TypeError, "query_seq_lengths must be an array"),
+])
+def test_more_bad_arguments_name_the_argument(kw, error, match):
+  with pytest.raises(error, match=match):
+    dot_product_attention(*_qkv(11), **kw)
+
+
+def test_traced_scale_is_rejected_by_name():
+  q, k, v = _qkv(12)
+  with pytest.raises(TypeError, match="scale must be a Python float or None .* got a traced value"):
+    jax.jit(lambda s: dot_product_attention(q, k, v, scale=s))(0.5)
+
+
+@pytest.mark.parametrize("name", ["query", "key", "value"])
+def test_non_arrays_are_rejected_and_lists_accepted_like_jax_nn(name):
+  args = dict(zip(("query", "key", "value"), _qkv(13, b=1, t=3, s=3, n=1, kh=1, h=8)))
+  with pytest.raises(TypeError, match=f"{name} must be an array"):
+    dot_product_attention(**{**args, name: None})
+  lists = {n: np.asarray(x).tolist() for n, x in args.items()}
+  np.testing.assert_allclose(dot_product_attention(**lists), _oracle(*args.values()), atol=2e-5)
+
+
+def test_zero_head_dim_is_rejected_and_zero_heads_are_empty():
+  q, k, v = _qkv(14, n=2, kh=2, h=0)
+  with pytest.raises(ValueError, match="query and key must have a head dim H >= 1"):
+    dot_product_attention(q, k, v)
+  q, k, v = _qkv(14, n=0, kh=0)
+  assert dot_product_attention(q, k, v).shape == (2, 7, 0, 16)
+
+
+def test_sequence_lengths_above_max_are_rejected():
+  q = jax.ShapeDtypeStruct((1, 2**29 + 1, 1, 64), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 8, 1, 64), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"T \(query's sequence length\) must be at most MAX_SEQLEN = 2\*\*29"):
+    jax.eval_shape(dot_product_attention, q, k, k)
+  with pytest.raises(ValueError, match=r"S \(key's sequence length\) must be at most MAX_SEQLEN"):
+    jax.eval_shape(dot_product_attention, k, q, q)
+
+
+@pytest.mark.parametrize("window", [2**40, (2**62, 0)])
+def test_windows_larger_than_any_sequence_are_unbounded(window, no_dense):
+  q, k, v = _qkv(15, dtype=jnp.bfloat16)
+  want = dot_product_attention(q, k, v, is_causal=isinstance(window, tuple))
+  got = dot_product_attention(q, k, v, local_window_size=window)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_second_order_derivatives_on_the_kernel_path_raise_not_implemented(no_dense):
+  q, k, v = _qkv(16)
+  loss = lambda q: jnp.sum(dot_product_attention(q, k, v, is_causal=True))
+  with pytest.raises(NotImplementedError, match="second-order derivatives"):
+    jax.grad(lambda q: jnp.sum(jax.grad(loss)(q)))(q)

@@ -2,18 +2,21 @@
 // the compiled (dtype, d, d_v) instantiation and launch it on XLA's stream. No kernel logic here.
 //
 // Operands dout (b, s_q, h, d_v), q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, d_v), out (b, s_q, h, d_v)
-//          (bf16|f16, all the same, BSHD contiguous), lse (b, h, s_q) f32 (natural log, -inf = row sees no key).
+//          (bf16|f16, all the same, BSHD contiguous), lse (b, h, s_q) f32 (natural log, -inf = row sees no key);
+//          then the optional operands present (optional_operands.h): dlse (b, h, s_q) f32, the cotangent of lse.
 // Results  dq (b, s_q, h, d), dk (b, s_k, h_k, d), dv (b, s_k, h_k, d_v) (dtype of q), workspace (n,) u8 with
 //          n = fa3::bwd_workspace_bytes(...) (contents undefined on entry; zeroed on the stream where needed).
 // Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned,
-//          resolved by Python), deterministic bool (bitwise-reproducible dq/dk/dv).
+//          resolved by Python), deterministic bool (bitwise-reproducible dq/dk/dv), with_dlse bool.
 //
 // Marked kCmdBufferCompatible for the forward's reasons (cuda/ffi/fwd.cu); the workspace is zeroed by the preprocess
 // kernel and, for the deterministic semaphores, cudaMemsetAsync on the stream, which a graph captures as a memset
 // node.
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "cutlass/numeric_types.h"
@@ -21,6 +24,7 @@
 #include "fa3/workspace.h"
 #include "fa3_kernel_list.h"
 #include "handler_checks.h"
+#include "optional_operands.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -50,11 +54,17 @@ using LseBuffer = ffi::Buffer<ffi::F32, 3>;
 using WorkspaceBuffer = ffi::Buffer<ffi::U8, 1>;
 
 ffi::Error Fa3Bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dout, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                  ffi::AnyBuffer v, ffi::AnyBuffer out, LseBuffer lse, ffi::Result<ffi::AnyBuffer> dq,
+                  ffi::AnyBuffer v, ffi::AnyBuffer out, LseBuffer lse, ffi::RemainingArgs optional,
+                  ffi::Result<ffi::AnyBuffer> dq,
                   ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv_buf,
                   ffi::ResultBuffer<ffi::U8, 1> workspace, float softmax_scale, float softcap, int64_t window_left,
-                  int64_t window_right, bool deterministic) {
+                  int64_t window_right, bool deterministic, bool with_dlse) {
   if (ffi::Error e = fa3::handler::check_hopper_device("fa3_jax_bwd", device); e.failure()) return e;
+  std::array<std::optional<ffi::AnyBuffer>, 1> dlse;
+  if (ffi::Error e = fa3::handler::decode_optional_operands("fa3_jax_bwd", optional, {with_dlse}, dlse);
+      e.failure()) {
+    return e;
+  }
 
   const auto dt = q.element_type();
   if (ffi::Error e = fa3::handler::check_dtypes("fa3_jax_bwd", "q, dout, k, v, out, dq, dk, dv",
@@ -85,8 +95,9 @@ ffi::Error Fa3Bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dout, ffi:
   if (ffi::Error e = fa3::handler::check_problem("fa3_jax_bwd", b, sq, sk, h, hk, softmax_scale, softcap); e.failure()) {
     return e;
   }
-  if (sq > (1 << 30) || sk > (1 << 30) || b > 65535 || h > 65535) {
-    return ffi::Error::InvalidArgument("fa3_jax_bwd: shape too large");
+  if (dlse[0] && (dlse[0]->element_type() != ffi::DataType::F32 || !dims_equal(dlse[0]->dimensions(), {b, h, sq}))) {
+    return ffi::Error::InvalidArgument("fa3_jax_bwd: dlse must be f32 (b, h, s_q), got " +
+                                       dims_str(dlse[0]->dimensions()));
   }
   const LaunchFn fn = select_kernel(dt == ffi::DataType::BF16, d, dv);
   if (fn == nullptr) {
@@ -106,6 +117,7 @@ ffi::Error Fa3Bwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer dout, ffi:
   p.v = v.untyped_data();
   p.out = out.untyped_data();
   p.lse = lse.typed_data();
+  p.dlse = dlse[0] ? static_cast<const float*>(dlse[0]->untyped_data()) : nullptr;
   p.dq = dq->untyped_data();
   p.dk = dk->untyped_data();
   p.dv = dv_buf->untyped_data();
@@ -144,6 +156,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_bwd, Fa3Bwd,
                                   .Arg<ffi::AnyBuffer>()  // v
                                   .Arg<ffi::AnyBuffer>()  // out
                                   .Arg<LseBuffer>()       // lse
+                                  .RemainingArgs()        // optional operands, announced by with_* attributes
                                   .Ret<ffi::AnyBuffer>()  // dq
                                   .Ret<ffi::AnyBuffer>()  // dk
                                   .Ret<ffi::AnyBuffer>()  // dv
@@ -152,5 +165,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_bwd, Fa3Bwd,
                                   .Attr<float>("softcap")
                                   .Attr<int64_t>("window_left")
                                   .Attr<int64_t>("window_right")
-                                  .Attr<bool>("deterministic"),
+                                  .Attr<bool>("deterministic")
+                                  .Attr<bool>("with_dlse"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -7,8 +7,8 @@
 // Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned,
 //          already resolved by Python; see fa3/params.h).
 //
-// Marked kCmdBufferCompatible (JAX_FFI.md §2.7), so XLA may trace it into a CUDA graph: every call with the same
-// shapes and attributes launches the same work; no allocation, sync or host reads of device data; TMA descriptors
+// Marked kCmdBufferCompatible (docs/integration.md §2.5), so XLA may trace it into a CUDA graph: every call with
+// the same shapes and attributes launches the same work; no allocation, sync or host reads of device data; TMA descriptors
 // are rebuilt per call and passed by value (XLA re-traces when buffer addresses change). The one-time
 // cudaFuncSetAttribute is no stream operation, so capture does not record it. tests/gpu/test_command_buffer_gpu.py
 // checks that XLA puts the call into a command buffer and that replays with new inputs match graph-free runs.
@@ -71,9 +71,6 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
   }
   if (ffi::Error e = fa3::handler::check_problem("fa3_jax_fwd", b, sq, sk, h, hk, softmax_scale, softcap); e.failure()) {
     return e;
-  }
-  if (sq > INT32_MAX || sk > INT32_MAX || b * h > INT32_MAX) {
-    return ffi::Error::InvalidArgument("fa3_jax_fwd: shape too large");
   }
   const LaunchFn fn = select_kernel(dt == ffi::DataType::BF16, d, dv);
   if (fn == nullptr) {

@@ -47,11 +47,20 @@ inline ffi::Error check_hopper_device(const std::string& target, int32_t device)
   return ffi::Error::Success();
 }
 
-// Success iff the sizes and scalars are ones Python is supposed to guarantee (re-checked cheaply here).
+// Longest sequence the kernels take (fa3_jax/_validate.py MAX_SEQLEN, checked there at trace time): the mask and
+// block-range arithmetic (fa3/visibility.h) stays within int32 up to that length.
+constexpr int64_t kMaxSeqlen = int64_t(1) << 29;
+
+// Success iff the sizes and scalars are ones Python is supposed to guarantee (re-checked cheaply here). Batch and
+// head counts have no limit of their own: every grid is 1-D, and tile counts fit in int32 for any tensor that fits
+// in GPU memory.
 inline ffi::Error check_problem(const std::string& target, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                                 int64_t heads, int64_t kv_heads, float softmax_scale, float softcap) {
   if (batch < 1 || seqlen_q < 1 || seqlen_k < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads != 0) {
     return ffi::Error::InvalidArgument(target + ": need batch, seqlens, heads >= 1 and heads % kv_heads == 0");
+  }
+  if (seqlen_q > kMaxSeqlen || seqlen_k > kMaxSeqlen || batch > INT32_MAX || heads > INT32_MAX) {
+    return ffi::Error::InvalidArgument(target + ": need seqlens <= 2^29 and batch, heads < 2^31");
   }
   if (!(softmax_scale > 0.f) || !(softcap >= 0.f)) {
     return ffi::Error::InvalidArgument(target + ": need softmax_scale > 0 and softcap >= 0");

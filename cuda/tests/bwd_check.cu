@@ -3,9 +3,9 @@
 //   bwd_check [--quick] [--no-big] [--bench | --bench-only | --bench-case D,S,CAUSAL,DET] [--sanitize] [--det-reps N]
 //             [--hd D[xDV]] [--bf16-only]
 //
-// Correctness (KERNELS.md §9.1): random normal inputs, CPU fp32 forward for out (rounded to the input dtype) and lse,
-// CPU fp32 reference backward (`ref`) and a same-precision variant (`pt`: P and dS rounded to the input dtype before
-// their GEMMs, outputs rounded). A gradient passes iff max|g - ref| <= 2 * max|pt - ref| + atol, atol = 2 * the dtype's
+// Correctness (docs/kernels.md §9.1): random normal inputs, CPU fp32 forward for out (rounded to the input dtype)
+// and lse, CPU fp32 reference backward (`ref`) and a same-precision variant (`pt`: P and dS rounded to the input
+// dtype before their GEMMs, outputs rounded). A gradient passes iff max|g - ref| <= 2 * max|pt - ref| + atol, atol = 2 * the dtype's
 // rounding noise near 0.3 (+3e-4 with softcap). Outputs are poisoned with NaN before each run, so an unwritten
 // element fails. Covers every compiled (dtype, d, d_v) x {none, causal, local, causal+softcap} x {MHA, GQA, MQA} x the
 // awkward seqlen pairs, plus a negative right window and fully masked rows. Determinism: repeated deterministic runs

@@ -1,9 +1,9 @@
 // Standalone check and benchmark of fa3::run_fwd (no JAX).
 //
 // Correctness: random normal q/k/v, output poisoned with NaN, compared with a CPU fp32 reference using the FA3 rule
-// (KERNELS.md §9.1): max|out - ref| <= rtol * max|pt - ref| + atol, rtol = 2 (3 with softcap), atol = 2 * rounding
-// noise of the dtype near 0.3; pt = the reference with P rounded to the input dtype before P V and the output
-// rounded. Also checks lse, and that rows with no visible key give out = 0 and lse = -inf.
+// (docs/kernels.md §9.1): max|out - ref| <= rtol * max|pt - ref| + atol, rtol = 2 (3 with softcap),
+// atol = 2 * rounding noise of the dtype near 0.3; pt = the reference with P rounded to the input dtype before P V
+// and the output rounded. Also checks lse, and that rows with no visible key give out = 0 and lse = -inf.
 // Benchmark: b * s = 16k tokens, hidden 2048, TFLOP/s = 4 b h s s d / t (halved for causal), median of cudaEvents.
 //
 // Usage: fwd_check [--quick] [--bench-only] [--no-bench] [--filter NAME]   (NAME e.g. bf16_128x128)

@@ -1,18 +1,150 @@
 """Pieces shared by the linen and nnx integrations: the attention_fn drop-in, mask recognition and rotary embedding.
 
-Conventions are jax.nn's (JAX_FFI.md §8): causal and windows are top-left, masks are True/nonzero = attend.
+Conventions are jax.nn's (docs/integration.md §7): causal and windows are top-left, masks are True/nonzero = attend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
+import numpy as np
 
+from fa3_jax import _validate
 from fa3_jax import jax_nn
 
 # Logical axis names used by the modules' parameter and activation annotations.
 BATCH, LENGTH, EMBED, HEADS, KV = "batch", "length", "embed", "heads", "kv"
+
+
+# ---- argument checks, shared by make_attention_fn, attention_fn and both modules ------------------------------
+# Each raises at trace time, naming the argument, what was expected and what was given: TypeError for a wrong type,
+# ValueError for a wrong value. fa3_jax._validate's checks (bools, ints, dtypes, softcap) are used as they are.
+
+def check_heads(num_heads, num_kv_heads) -> tuple[int, int]:
+  """(num_heads, num_kv_heads) with num_kv_heads defaulting to num_heads and dividing it (GQA/MQA)."""
+  num_heads = _validate.check_int("num_heads", num_heads, 1)
+  num_kv_heads = num_heads if num_kv_heads is None else _validate.check_int("num_kv_heads", num_kv_heads, 1)
+  if num_heads % num_kv_heads:
+    raise ValueError(f"num_heads must be a multiple of num_kv_heads (GQA/MQA), got num_heads={num_heads}, "
+                     f"num_kv_heads={num_kv_heads}")
+  return num_heads, num_kv_heads
+
+
+def check_rotary_head_dim(head_dim: int, source: str) -> None:
+  """Rotary embedding rotates pairs of features: head_dim (named by `source` in the message) must be even."""
+  if head_dim % 2:
+    raise ValueError(f"rotary embedding needs an even head_dim, got {source} = {head_dim}")
+
+
+def check_head_dim(qkv_features, num_heads: int, rotary: bool) -> int:
+  """head_dim = qkv_features // num_heads, which must divide evenly (and be even with rotary)."""
+  qkv_features = _validate.check_int("qkv_features", qkv_features, 1)
+  if qkv_features % num_heads:
+    raise ValueError(f"qkv_features must be divisible by num_heads, got qkv_features={qkv_features}, "
+                     f"num_heads={num_heads}")
+  head_dim = qkv_features // num_heads
+  if rotary:
+    check_rotary_head_dim(head_dim, f"qkv_features // num_heads = {qkv_features} // {num_heads}")
+  return head_dim
+
+
+def check_positive_float(name: str, value, *, optional: bool = False) -> float | None:
+  """A finite Python number > 0 (a logits scale, a rotary base; static, so never a traced value); None passes
+  through when `optional`."""
+  if value is None and optional:
+    return None
+  or_none = " or None" if optional else ""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise TypeError(f"{name} must be a Python float{or_none}, got {type(value).__name__}")
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f"{name} must be a finite number > 0{or_none}, got {value}")
+  return float(value)
+
+
+def check_window(local_window_size) -> tuple[int, int] | None:
+  """None (no window), or (left, right) from an int w (= (w, w)) or a pair of ints >= 0 (top-left, jax.nn's)."""
+  if local_window_size is None:
+    return None
+  # jax_nn's rules (TypeError for non-ints, ValueError below 0), so the drop-ins agree with dot_product_attention.
+  return jax_nn._check_window(local_window_size)  # pylint: disable=protected-access
+
+
+def check_attention_inputs(query, key, value) -> None:
+  """attention_fn's query (batch..., q_len, heads, head_dim), key (batch..., kv_len, kv_heads, head_dim) and value
+  (batch..., kv_len, kv_heads, head_dim_v): floating, the same batch dims, heads % kv_heads == 0 (as Flax's own
+  attention, which also never broadcasts a batch of 1)."""
+  for name, x, layout in (("query", query, "(batch..., q_len, heads, head_dim)"),
+                          ("key", key, "(batch..., kv_len, kv_heads, head_dim)"),
+                          ("value", value, "(batch..., kv_len, kv_heads, head_dim_v)")):
+    _validate.check_is_array(name, x)
+    if x.ndim < 3:
+      raise ValueError(f"{name} must have shape {layout}, got shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be a floating-point array, got {x.dtype}")
+  shapes = f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+  if not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+    raise ValueError(f"query, key and value must have the same batch dims (no broadcasting), got {shapes}")
+  if key.shape[-3:-1] != value.shape[-3:-1]:
+    raise ValueError(f"key and value must have the same kv_len and kv_heads, got {shapes}")
+  heads, kv_heads = query.shape[-2], key.shape[-2]
+  if heads == 0 or kv_heads == 0 or heads % kv_heads:
+    raise ValueError(f"query's heads must be a multiple of key's and value's kv_heads, both > 0 (GQA/MQA), got "
+                     f"{shapes}")
+  if query.shape[-1] != key.shape[-1] or query.shape[-1] == 0:
+    raise ValueError(f"query and key must have the same head_dim > 0, got {shapes}")
+
+
+def check_module_inputs(inputs_q, inputs_k, inputs_v, features: tuple[int, int] | None = None) -> None:
+  """A module's inputs_q (batch, q_len, in_features) and inputs_k/inputs_v (batch, kv_len, in_kv_features):
+  features = (in_features, in_kv_features) when the module fixes them at construction."""
+  for name, x, layout in (("inputs_q", inputs_q, "(batch, q_len, features)"),
+                          ("inputs_k", inputs_k, "(batch, kv_len, features)"),
+                          ("inputs_v", inputs_v, "(batch, kv_len, features)")):
+    _validate.check_array(name, x, 3, layout)
+  shapes = f"inputs_q {tuple(inputs_q.shape)}, inputs_k {tuple(inputs_k.shape)}, inputs_v {tuple(inputs_v.shape)}"
+  if not inputs_q.shape[0] == inputs_k.shape[0] == inputs_v.shape[0]:
+    raise ValueError(f"inputs_q, inputs_k and inputs_v must have the same batch size, got {shapes}")
+  if inputs_k.shape[1] != inputs_v.shape[1]:
+    raise ValueError(f"inputs_k and inputs_v must have the same kv_len, got {shapes}")
+  if features is not None:
+    in_features, in_kv_features = features
+    for name, x, what, f in (("inputs_q", inputs_q, "in_features", in_features),
+                             ("inputs_k", inputs_k, "in_kv_features", in_kv_features),
+                             ("inputs_v", inputs_v, "in_kv_features", in_kv_features)):
+      if x.shape[-1] != f:
+        raise ValueError(f"{name} must have {what} = {f} features (last dim), got shape {tuple(x.shape)}")
+
+
+def check_broadcastable(name: str, x, shape: tuple[int, ...], layout: str):
+  """x (a mask or bias) as an array with len(shape) dims, each 1 or the matching entry of `shape`."""
+  x = jnp.asarray(_validate.as_array(name, x))
+  if x.ndim != len(shape) or any(d not in (1, e) for d, e in zip(x.shape, shape)):
+    raise ValueError(f"{name} must be broadcastable to {layout} = {shape} with the same number of dims, got shape "
+                     f"{tuple(x.shape)}")
+  return x
+
+
+def check_lengths(name: str, lengths, batch: int):
+  """Sequence lengths as an integer array of shape (batch,) (traced values are fine)."""
+  lengths = jnp.asarray(_validate.as_array(name, lengths))
+  if not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array of shape (batch,), got dtype {lengths.dtype}")
+  if lengths.shape != (batch,):
+    raise ValueError(f"{name} must have shape (batch,) = ({batch},), got shape {tuple(lengths.shape)}")
+  return lengths
+
+
+def check_positions(name: str, positions, batch: int, length: int):
+  """Rotary positions as an integer array of shape (length,), (1, length) or (batch, length)."""
+  positions = jnp.asarray(_validate.as_array(name, positions))
+  if not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an integer array, got dtype {positions.dtype}")
+  if positions.shape not in ((length,), (1, length), (batch, length)):
+    raise ValueError(f"{name} must have shape (len,) or (batch|1, len) = ({length},) or ({batch}, {length}), got "
+                     f"shape {tuple(positions.shape)}")
+  return positions
 
 
 def _mask_error(why: str) -> ValueError:
@@ -24,11 +156,9 @@ def _mask_error(why: str) -> ValueError:
       "make_attention_fn(dense_mask_fallback=True) to apply any mask on the dense float32 reference path.")
 
 
-def masking_from_flax_mask(mask, shape, masking: jax_nn.Masking, dense_mask_fallback: bool) -> jax_nn.Masking:
-  """Fold a Flax mask (broadcastable to `shape` = (batch, heads, T, S), nonzero = attend) into `masking`."""
-  mask = jnp.asarray(mask)
-  if mask.ndim != 4 or any(d not in (1, e) for d, e in zip(mask.shape, shape)):
-    raise ValueError(f"mask must be broadcastable to (batch, heads, q_len, kv_len) = {shape}, got {mask.shape}")
+def masking_from_flax_mask(mask, masking: jax_nn.Masking, dense_mask_fallback: bool) -> jax_nn.Masking:
+  """Fold a Flax mask (checked broadcastable to (batch, heads, T, S), batch not broadcast; nonzero = attend) into
+  `masking`."""
   known = jax_nn.concrete_value(mask)
   structure = None if known is None else jax_nn.analyse_mask(known != 0)
   if structure is not None:
@@ -40,6 +170,37 @@ def masking_from_flax_mask(mask, shape, masking: jax_nn.Masking, dense_mask_fall
                       "structure cannot be read when tracing")
   raise _mask_error("it is not a top-left causal/window band combined with query and key padding, the same for "
                     "every head")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+  """The attention configuration of a module or attention_fn (constructor arguments), checked on construction.
+
+  local_window_size is kept as None or (left, right); dense_mask_fallback: see make_attention_fn.
+  """
+
+  causal: bool = False
+  local_window_size: tuple[int, int] | None = None
+  softcap: float = 0.0
+  softmax_scale: float | None = None
+  rope_theta: float | None = None
+  dense_mask_fallback: bool = False
+
+  def __post_init__(self):
+    checked = dict(causal=_validate.check_bool("causal", self.causal),
+                   local_window_size=check_window(self.local_window_size),
+                   softcap=_validate.check_softcap(self.softcap),
+                   softmax_scale=check_positive_float("softmax_scale", self.softmax_scale, optional=True),
+                   rope_theta=check_positive_float("rope_theta", self.rope_theta, optional=True),
+                   dense_mask_fallback=_validate.check_bool("dense_mask_fallback", self.dense_mask_fallback))
+    for name, value in checked.items():
+      object.__setattr__(self, name, value)  # frozen: store the normalised values
+
+  def masking(self, causal: bool = False) -> jax_nn.Masking:
+    """The window and causality (self.causal or `causal`) as top-left Masking."""
+    left, right = self.local_window_size or (None, None)
+    right = jax_nn._min_bound(right, 0 if (self.causal or causal) else None)  # pylint: disable=protected-access
+    return jax_nn.Masking(left=left, right=right)
 
 
 def make_attention_fn(*, is_causal: bool = False, local_window_size=None, softcap: float = 0.0,
@@ -54,6 +215,7 @@ def make_attention_fn(*, is_causal: bool = False, local_window_size=None, softca
     dense_mask_fallback: run masks that are not recognised (data-dependent, or not causal/window/padding shaped)
       on the dense float32 path instead of raising. Needed for linen's decode=True, whose mask carries the cache
       index.
+  Bad arguments raise TypeError / ValueError here, naming the argument.
 
   The returned function takes query (batch..., q_len, heads, head_dim), key/value (batch..., kv_len, kv_heads,
   head_dim) and returns (batch..., q_len, heads, head_dim) in the computation dtype, with Flax's keywords:
@@ -62,6 +224,7 @@ def make_attention_fn(*, is_causal: bool = False, local_window_size=None, softca
       constant padding mask) is read then: causal/window bands become kernel arguments, padding runs the dense
       path (until varlen kernels land). Other masks raise ValueError saying what to pass instead, unless
       dense_mask_fallback.
+    bias: (batch..., heads|1, q_len, kv_len) added to the logits; runs the dense float32 path.
     dropout_rate, deterministic, dropout_rng, broadcast_dropout: dropout_rate > 0 with deterministic=False raises
       NotImplementedError (the kernels have no dropout).
     dtype: computation dtype (query/key/value are cast to it); bfloat16/float16 use the kernels, float32 the
@@ -69,25 +232,28 @@ def make_attention_fn(*, is_causal: bool = False, local_window_size=None, softca
     precision: ignored (the kernels accumulate in float32).
     module: set by Flax when sow_weights=True; raises NotImplementedError (attention weights are never formed).
     is_causal: nnx's per-call flag, combined with the bound one.
+  As Flax's own attention, query, key and value must have the same batch dims (a batch of 1 is not broadcast),
+  key and value the same kv_len and kv_heads, query and key the same head_dim.
   """
-  bound = dict(causal=jax_nn._validate.check_bool("is_causal", is_causal),  # pylint: disable=protected-access
-               window=jax_nn._check_window(local_window_size),  # pylint: disable=protected-access
-               softcap=jax_nn._validate.check_softcap(softcap), scale=scale,  # pylint: disable=protected-access
-               dense_mask_fallback=bool(dense_mask_fallback))
+  options = AttentionOptions(causal=_validate.check_bool("is_causal", is_causal),
+                             local_window_size=check_window(local_window_size),
+                             softcap=_validate.check_softcap(softcap),
+                             softmax_scale=check_positive_float("scale", scale, optional=True),
+                             dense_mask_fallback=_validate.check_bool("dense_mask_fallback", dense_mask_fallback))
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                    dropout_rate=0.0, deterministic=False, dtype=None, precision=None, module=None,
                    is_causal=False, input_positions=None):
     del broadcast_dropout, dropout_rng, precision
-    return _attention_fn(query, key, value, bias=bias, mask=mask, dropout_rate=dropout_rate,
+    return _attention_fn(options, query, key, value, bias=bias, mask=mask, dropout_rate=dropout_rate,
                          deterministic=deterministic, dtype=dtype, module=module, is_causal=is_causal,
-                         input_positions=input_positions, **bound)
+                         input_positions=input_positions)
 
   return attention_fn
 
 
-def _attention_fn(query, key, value, *, bias, mask, dropout_rate, deterministic, dtype, module, is_causal,
-                  input_positions, causal, window, softcap, scale, dense_mask_fallback):
+def _attention_fn(options: AttentionOptions, query, key, value, *, bias, mask, dropout_rate, deterministic, dtype,
+                  module, is_causal, input_positions):
   if dropout_rate > 0.0 and not deterministic:
     raise NotImplementedError(
         f"fa3_jax attention has no dropout (the fused kernels never form the attention weights), got "
@@ -98,30 +264,24 @@ def _attention_fn(query, key, value, *, bias, mask, dropout_rate, deterministic,
   if input_positions is not None:
     raise NotImplementedError("input_positions (RoPE inside attention_fn) is not supported by this attention_fn; "
                               "use fa3_jax.flax's MultiHeadAttention(rope_theta=...) for rotary embeddings")
-  if dtype is not None:
-    query, key, value = (x.astype(dtype) for x in (query, key, value))
-  else:
-    common = jnp.result_type(query, key, value)
-    query, key, value = (x.astype(common) for x in (query, key, value))
+  check_attention_inputs(query, key, value)
+  masking = options.masking(causal=_validate.check_bool("is_causal", is_causal))
+  dtype = jnp.result_type(query, key, value) if dtype is None else _validate.check_float_dtype("dtype", dtype)
   batch_dims = query.shape[:-3]
   t, n, _ = query.shape[-3:]
   s = key.shape[-3]
-  q, k, v = (x.reshape(-1, *x.shape[-3:]) for x in (query, key, value))
-  b = q.shape[0]
-  left, right = window
-  masking = jax_nn.Masking(left=left, right=jax_nn._min_bound(right, 0 if (causal or is_causal) else None))  # pylint: disable=protected-access
+  b = math.prod(batch_dims)  # explicit, as reshape(-1, ...) cannot infer a batch when another dim is 0
+  q, k, v = (x.astype(dtype).reshape(b, *x.shape[-3:]) for x in (query, key, value))
+  layout = "(batch..., heads|1, q_len, kv_len)"
   if mask is not None:
-    mask = jnp.asarray(mask)
-    if mask.ndim != len(batch_dims) + 3:
-      raise ValueError(f"mask must have shape (batch..., heads|1, q_len, kv_len) with batch dims {batch_dims}, got "
-                       f"{mask.shape}")
+    mask = check_broadcastable("mask", mask, (*batch_dims, n, t, s), layout)
     mask = jnp.broadcast_to(mask, (*batch_dims, *mask.shape[-3:])).reshape(b, *mask.shape[-3:])
-    masking = masking_from_flax_mask(mask, (b, n, t, s), masking, dense_mask_fallback)
+    masking = masking_from_flax_mask(mask, masking, options.dense_mask_fallback)
   if bias is not None:
-    bias = jnp.asarray(bias)
+    bias = check_broadcastable("bias", bias, (*batch_dims, n, t, s), layout)
     bias = jnp.broadcast_to(bias, (*batch_dims, *bias.shape[-3:])).reshape(b, *bias.shape[-3:])
     masking = dataclasses.replace(masking, bias=bias)
-  out, _ = jax_nn.attend(q, k, v, masking, scale=scale, softcap=softcap)
+  out, _ = jax_nn.attend(q, k, v, masking, scale=options.softmax_scale, softcap=options.softcap)
   return out.reshape(*batch_dims, *out.shape[1:])
 
 
@@ -134,14 +294,16 @@ attention_fn.__doc__ = "make_attention_fn() with no bound options: " + (make_att
 def apply_rotary(x, positions, theta: float = 10000.0):
   """Rotary embedding (RoFormer, "rotate half" layout as flax.nnx.RoPE and LLaMA/GPT-NeoX).
 
-  x: (batch, seqlen, heads, head_dim) with even head_dim; positions: (batch, seqlen) or (seqlen,) ints.
+  x: (batch, seqlen, heads, head_dim) with even head_dim; positions: (batch|1, seqlen) or (seqlen,) ints.
   Returns x's shape and dtype; the rotation is computed in float32.
   """
+  _validate.check_array("x", x, 4, "(batch, seqlen, heads, head_dim)")
   d = x.shape[-1]
-  if d % 2:
-    raise ValueError(f"rotary embedding needs an even head_dim, got {d}")
+  check_rotary_head_dim(d, "x.shape[-1]")
+  theta = check_positive_float("theta", theta)
+  positions = check_positions("positions", positions, x.shape[0], x.shape[1])
   freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs  # (batch|, seqlen, d/2)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # (batch|, seqlen, d/2)
   angles = jnp.broadcast_to(angles, (x.shape[0], x.shape[1], d // 2))[:, :, None, :]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   x32 = x.astype(jnp.float32)
@@ -151,48 +313,54 @@ def apply_rotary(x, positions, theta: float = 10000.0):
 
 # ---- what the modules share ------------------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class AttentionOptions:
-  """The attention configuration of a module (constructor arguments), validated once."""
+def module_config(*, num_heads, num_kv_heads, qkv_features, out_features, dtype,
+                  **attention) -> tuple[int, int, int | None, AttentionOptions]:
+  """Checks a module's constructor arguments (`attention`: AttentionOptions' fields).
 
-  causal: bool = False
-  local_window_size: tuple[int, int] | None = None
-  softcap: float = 0.0
-  softmax_scale: float | None = None
-  rope_theta: float | None = None
-
-  def masking(self) -> jax_nn.Masking:
-    left, right = jax_nn._check_window(self.local_window_size)  # pylint: disable=protected-access
-    return jax_nn.Masking(left=left, right=jax_nn._min_bound(right, 0 if self.causal else None))  # pylint: disable=protected-access
+  Returns (num_heads, num_kv_heads, head_dim, options); head_dim is None while qkv_features is None (linen: until the
+  first call, which infers it from the inputs).
+  """
+  num_heads, num_kv_heads = check_heads(num_heads, num_kv_heads)
+  if out_features is not None:
+    _validate.check_int("out_features", out_features, 1)
+  if dtype is not None:
+    _validate.check_float_dtype("dtype", dtype)
+  options = AttentionOptions(**attention)
+  head_dim = (None if qkv_features is None
+              else check_head_dim(qkv_features, num_heads, rotary=options.rope_theta is not None))
+  return num_heads, num_kv_heads, head_dim, options
 
 
 def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=None, kv_positions=None,
-                     query_seq_lengths=None, key_value_seq_lengths=None, dense_mask_fallback: bool = False):
-  """The attention step of the modules: rotary, masking, fa3 attention. q (B, T, N, H), k/v (B, S, K, H)."""
+                     query_seq_lengths=None, key_value_seq_lengths=None):
+  """The attention step of the modules: rotary, masking, fa3 attention. q (B, T, N, H), k/v (B, S, K, H).
+
+  The call arguments are checked against q/k/v here (the modules' docstrings give their shapes).
+  """
   b, t, n, _ = q.shape
   s = k.shape[1]
-  if opts.rope_theta is not None:
-    positions = jnp.arange(t) if positions is None else positions
-    kv_positions = (jnp.arange(s) if s != t or positions is None else positions) if kv_positions is None \
-        else kv_positions
+  if opts.rope_theta is None:
+    if positions is not None or kv_positions is not None:
+      raise ValueError("positions / kv_positions are rotary positions, but this module has rope_theta=None (no "
+                       "rotary embedding); construct it with rope_theta=... or leave them out")
+  else:
+    positions = jnp.arange(t) if positions is None else check_positions("positions", positions, b, t)
+    if kv_positions is None:  # self-attention lengths: keys sit at the queries' positions
+      kv_positions = positions if s == t else jnp.arange(s)
+    else:
+      kv_positions = check_positions("kv_positions", kv_positions, b, s)
     q = apply_rotary(q, positions, opts.rope_theta)
     k = apply_rotary(k, kv_positions, opts.rope_theta)
   masking = opts.masking()
   if query_seq_lengths is not None:
-    masking = dataclasses.replace(masking, q_valid=jnp.arange(t)[None, :] < jnp.asarray(query_seq_lengths)[:, None])
+    lengths = check_lengths("query_seq_lengths", query_seq_lengths, b)
+    masking = dataclasses.replace(masking, q_valid=jnp.arange(t)[None, :] < lengths[:, None])
   if key_value_seq_lengths is not None:
-    masking = dataclasses.replace(
-        masking, kv_valid=jnp.arange(s)[None, :] < jnp.asarray(key_value_seq_lengths)[:, None])
+    lengths = check_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
+    masking = dataclasses.replace(masking, kv_valid=jnp.arange(s)[None, :] < lengths[:, None])
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, *jnp.shape(mask)[-3:])) if jnp.ndim(mask) == 4 else mask
-    masking = masking_from_flax_mask(mask, (b, n, t, s), masking, dense_mask_fallback)
+    mask = check_broadcastable("mask", mask, (b, n, t, s), "(batch|1, heads|1, q_len, kv_len)")
+    mask = jnp.broadcast_to(mask, (b, *mask.shape[1:]))
+    masking = masking_from_flax_mask(mask, masking, opts.dense_mask_fallback)
   out, _ = jax_nn.attend(q, k, v, masking, scale=opts.softmax_scale, softcap=opts.softcap)
   return out
-
-
-def head_dim_of(qkv_features: int, num_heads: int, num_kv_heads: int) -> int:
-  if qkv_features % num_heads:
-    raise ValueError(f"qkv_features must be divisible by num_heads, got {qkv_features} and {num_heads}")
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads must be a multiple of num_kv_heads (GQA/MQA), got {num_heads} and {num_kv_heads}")
-  return qkv_features // num_heads

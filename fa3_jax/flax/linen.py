@@ -31,6 +31,8 @@ class MultiHeadAttention(nn.Module):
     causal, local_window_size (top-left, jax.nn convention), softcap, softmax_scale (default 1/sqrt(head_dim)),
     rope_theta (rotary base; None = no rotary), dtype (computation dtype; bfloat16/float16 run the kernels),
     param_dtype, use_bias, kernel_init, bias_init, dense_mask_fallback (see make_attention_fn).
+  Bad attributes raise TypeError / ValueError on construction, naming the attribute (head_dim's rules, when
+  qkv_features is left to the inputs, at the first call).
 
   The kv-cache decoding path will use a "cache" collection and `decode=True`, with the same call signature.
   """
@@ -51,28 +53,38 @@ class MultiHeadAttention(nn.Module):
   bias_init: Callable = nn.initializers.zeros_init()
   dense_mask_fallback: bool = False
 
+  def __post_init__(self):
+    super().__post_init__()
+    self._config(self.qkv_features)  # bad attributes raise on construction (head_dim's once qkv_features is known)
+
+  def _config(self, qkv_features):
+    """The checked (num_heads, num_kv_heads, head_dim, AttentionOptions); head_dim None if qkv_features is."""
+    return _common.module_config(
+        num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qkv_features=qkv_features,
+        out_features=self.out_features, dtype=self.dtype, causal=self.causal, local_window_size=self.local_window_size,
+        softcap=self.softcap, softmax_scale=self.softmax_scale, rope_theta=self.rope_theta,
+        dense_mask_fallback=self.dense_mask_fallback)
+
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
                query_seq_lengths=None, key_value_seq_lengths=None):
     """inputs_q (batch, q_len, features); inputs_k/inputs_v (batch, kv_len, features_kv), default inputs_q.
 
     mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend. positions / kv_positions: rotary
-    positions (batch, len) or (len,), default arange. query_seq_lengths / key_value_seq_lengths: (batch,) int32.
-    Returns (batch, q_len, out_features).
+    positions (batch|1, len) or (len,) ints, default arange (only with rope_theta). query_seq_lengths /
+    key_value_seq_lengths: (batch,) ints. Returns (batch, q_len, out_features).
+    Bad shapes or types raise ValueError / TypeError naming the argument.
     """
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
-    num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-    qkv_features = inputs_q.shape[-1] if self.qkv_features is None else self.qkv_features
-    head_dim = _common.head_dim_of(qkv_features, self.num_heads, num_kv_heads)
-    options = _common.AttentionOptions(causal=self.causal, local_window_size=self.local_window_size,
-                                       softcap=self.softcap, softmax_scale=self.softmax_scale,
-                                       rope_theta=self.rope_theta)
+    _common.check_module_inputs(inputs_q, inputs_k, inputs_v)
+    num_heads, num_kv_heads, head_dim, options = self._config(
+        inputs_q.shape[-1] if self.qkv_features is None else self.qkv_features)
     dense = functools.partial(
         nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, (_common.EMBED, _common.HEADS, _common.KV)),
         bias_init=nn.with_logical_partitioning(self.bias_init, (_common.HEADS, _common.KV)))
-    q = dense(features=(self.num_heads, head_dim), name="query")(inputs_q)
+    q = dense(features=(num_heads, head_dim), name="query")(inputs_q)
     k = dense(features=(num_kv_heads, head_dim), name="key")(inputs_k)
     v = dense(features=(num_kv_heads, head_dim), name="value")(inputs_v)
     if self.dtype is not None:
@@ -81,8 +93,7 @@ class MultiHeadAttention(nn.Module):
     q, k, v = (nn.with_logical_constraint(x, axes) for x in (q, k, v))
     out = _common.module_attention(options, q, k, v, mask=mask, positions=positions, kv_positions=kv_positions,
                                    query_seq_lengths=query_seq_lengths,
-                                   key_value_seq_lengths=key_value_seq_lengths,
-                                   dense_mask_fallback=self.dense_mask_fallback)
+                                   key_value_seq_lengths=key_value_seq_lengths)
     out = nn.with_logical_constraint(out, axes)
     return nn.DenseGeneral(
         features=inputs_q.shape[-1] if self.out_features is None else self.out_features, axis=(-2, -1),

@@ -7,6 +7,7 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
+from fa3_jax import _validate
 from fa3_jax.flax import _common
 from fa3_jax.flax._common import apply_rotary, attention_fn, make_attention_fn
 
@@ -41,6 +42,7 @@ class MultiHeadAttention(nnx.Module):
       None = promoted from inputs and params. param_dtype: parameter dtype.
     kernel_init, bias_init, use_bias: as flax.nnx.MultiHeadAttention.
     dense_mask_fallback: see make_attention_fn.
+  Bad arguments raise TypeError / ValueError here (in __call__ for call arguments), naming the argument.
 
   The kv-cache decoding path will be added as state (nnx.Cache) plus `decode=True` in `__call__`; callers that
   pass `positions` already have what rotary decoding needs.
@@ -53,27 +55,26 @@ class MultiHeadAttention(nnx.Module):
                dtype=None, param_dtype=jnp.float32, use_bias: bool = True,
                kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
                dense_mask_fallback: bool = False, rngs: nnx.Rngs):
-    self.num_heads = num_heads
-    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    self.in_features = in_features
-    qkv_features = in_features if qkv_features is None else qkv_features
+    in_features = _validate.check_int("in_features", in_features, 1)
+    in_kv_features = (in_features if in_kv_features is None
+                      else _validate.check_int("in_kv_features", in_kv_features, 1))
     out_features = in_features if out_features is None else out_features
-    in_kv_features = in_features if in_kv_features is None else in_kv_features
-    self.head_dim = _common.head_dim_of(qkv_features, num_heads, self.num_kv_heads)
-    self.options = _common.AttentionOptions(causal=causal, local_window_size=local_window_size, softcap=softcap,
-                                            softmax_scale=softmax_scale, rope_theta=rope_theta)
-    self.options.masking()  # validates the window now
+    self.num_heads, self.num_kv_heads, self.head_dim, self.options = _common.module_config(
+        num_heads=num_heads, num_kv_heads=num_kv_heads,
+        qkv_features=in_features if qkv_features is None else qkv_features, out_features=out_features, dtype=dtype,
+        causal=causal, local_window_size=local_window_size, softcap=softcap, softmax_scale=softmax_scale,
+        rope_theta=rope_theta, dense_mask_fallback=dense_mask_fallback)
+    self.in_features, self.in_kv_features = in_features, in_kv_features
     self.dtype = dtype
-    self.dense_mask_fallback = dense_mask_fallback
     linear = functools.partial(
         nnx.LinearGeneral, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
         kernel_init=_annotated(kernel_init, (_common.EMBED, _common.HEADS, _common.KV)),
         bias_init=_annotated(bias_init, (_common.HEADS, _common.KV)), rngs=rngs)
-    self.query = linear(in_features, (num_heads, self.head_dim))
+    self.query = linear(in_features, (self.num_heads, self.head_dim))
     self.key = linear(in_kv_features, (self.num_kv_heads, self.head_dim))
     self.value = linear(in_kv_features, (self.num_kv_heads, self.head_dim))
     self.out = nnx.LinearGeneral(
-        (num_heads, self.head_dim), out_features, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
+        (self.num_heads, self.head_dim), out_features, axis=(-2, -1), dtype=dtype, param_dtype=param_dtype,
         use_bias=use_bias,
         kernel_init=_annotated(kernel_init, (_common.HEADS, _common.KV, _common.EMBED)),
         bias_init=_annotated(bias_init, (_common.EMBED,)), rngs=rngs)
@@ -83,17 +84,18 @@ class MultiHeadAttention(nnx.Module):
     """inputs_q (batch, q_len, in_features); inputs_k/inputs_v (batch, kv_len, in_kv_features), default inputs_q.
 
     mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend (see make_attention_fn for which masks run
-      where). positions / kv_positions: (batch, len) or (len,) rotary positions, default arange.
-    query_seq_lengths / key_value_seq_lengths: optional (batch,) int32 padding lengths (dense path for now).
+      where). positions / kv_positions: (batch|1, len) or (len,) int rotary positions, default arange (only with
+      rope_theta). query_seq_lengths / key_value_seq_lengths: optional (batch,) int padding lengths (dense path for
+      now).
     Returns (batch, q_len, out_features).
     """
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
+    _common.check_module_inputs(inputs_q, inputs_k, inputs_v, features=(self.in_features, self.in_kv_features))
     q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
     if self.dtype is not None:
       q, k, v = (x.astype(self.dtype) for x in (q, k, v))
     out = _common.module_attention(self.options, q, k, v, mask=mask, positions=positions,
                                    kv_positions=kv_positions, query_seq_lengths=query_seq_lengths,
-                                   key_value_seq_lengths=key_value_seq_lengths,
-                                   dense_mask_fallback=self.dense_mask_fallback)
+                                   key_value_seq_lengths=key_value_seq_lengths)
     return self.out(out)

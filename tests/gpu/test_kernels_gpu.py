@@ -1,6 +1,6 @@
 """Our CUDA kernels against the float32 reference with the FA3 tolerance rule, on fresh random inputs.
 
-The grid crosses dtypes x compiled head dims x masks with the awkward seqlen pairs of KERNELS.md §9.2, rotating
+The grid crosses dtypes x compiled head dims x masks with the awkward seqlen pairs of docs/kernels.md §9.2, rotating
 MHA / GQA / MQA through the cases so that every combination of the first three meets every head layout.
 FA3_JAX_GPU_TESTS=full runs every seqlen pair for every combination (slow); the default runs a rotating subset.
 """

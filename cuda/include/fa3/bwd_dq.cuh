@@ -1,9 +1,5 @@
-// Backward block ranges and the dQ writer (KERNELS.md §4.2, §4.5).
-//
-// Block ranges: the KV-stationary CTA of key block n visits every M-block with at least one visible (row, key)
-// pair; the deterministic dQ order needs the inverse (first key block contributing to an M-block). Both derive from
-// one predicate (pair (m, n) visible iff the interval of j - i over the two clipped blocks meets [win_lo, win_hi]),
-// so "n visits m" and "m waits for n" can never disagree (a disagreement would deadlock the deterministic mode).
+// The backward's query-tile cursor and dQ writer (docs/kernels.md §3.6, §3.7). Which M-blocks a key block visits,
+// and the first key block of an M-block for the deterministic order, come from fa3/visibility.h.
 //
 // dQ: each CTA adds its kBlockM x d partial into an fp32 workspace tile. The tile is stored in fragment order, one
 // contiguous slice per consumer warpgroup: granule g (4 floats) of thread t of warpgroup w at float offset
@@ -25,10 +21,6 @@
 namespace fa3 {
 namespace bwd {
 
-struct Range {
-  int lo, hi;  // inclusive; empty if lo > hi
-};
-
 // A CTA's (query head, M-block) sequence: every query head of the GQA group, and for each the visited M-blocks in
 // order. Stepped incrementally (an integer division per iteration costs ~30 instructions).
 struct QueryTileCursor {
@@ -40,33 +32,6 @@ struct QueryTileCursor {
     }
   }
 };
-
-// M-blocks visited by key block n.
-CUTE_HOST_DEVICE Range m_range_for_n(int n, int kBlockM, int kBlockN, int seqlen_q, int seqlen_k, int win_lo,
-                                     int win_hi) {
-  Range r{0, -1};
-  if (win_lo > win_hi) return r;
-  const int j_min = n * kBlockN;
-  const int j_max = min((n + 1) * kBlockN, seqlen_k) - 1;
-  const int i_lo = max(0, j_min - win_hi);
-  const int i_hi = min(seqlen_q - 1, j_max - win_lo);
-  if (i_lo > i_hi) return r;
-  return Range{i_lo / kBlockM, i_hi / kBlockM};
-}
-
-// First key block contributing to M-block m (only meaningful when the range is non-empty).
-CUTE_HOST_DEVICE int first_n_for_m(int m, int kBlockN, int kBlockM, int win_lo) {
-  const int j_lo = max(0, m * kBlockM + win_lo);
-  return j_lo / kBlockN;
-}
-
-// Whether every (row, key) of the full, unclipped tile is visible and in range: then the mask can be skipped.
-// Rows past seqlen_q need no mask (their lse is +inf); keys past seqlen_k do.
-CUTE_HOST_DEVICE bool tile_needs_mask(int m, int n, int kBlockM, int kBlockN, int seqlen_k, int win_lo, int win_hi) {
-  const int min_diff = n * kBlockN - ((m + 1) * kBlockM - 1);
-  const int max_diff = (n + 1) * kBlockN - 1 - m * kBlockM;
-  return (n + 1) * kBlockN > seqlen_k || min_diff < win_lo || max_diff > win_hi;
-}
 
 CUTE_DEVICE void red_add_v4(float* gptr, float a, float b, float c, float d) {
   asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(gptr), "f"(a), "f"(b), "f"(c), "f"(d)

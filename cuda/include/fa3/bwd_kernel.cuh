@@ -1,4 +1,4 @@
-// Backward main kernel (KERNELS.md §4.2): one CTA per (key block, kv head, batch), KV-stationary.
+// Backward main kernel (docs/kernels.md §3.3): one CTA per (key block, kv head, batch), KV-stationary.
 //
 // Warpgroup 0 is the producer: thread 0 loads K and V once (one transaction barrier), then streams Q, dO and the
 // rows' lse / D of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline; on the bulk
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
 
   const CtaCoord cta = bwd_cta_coord(args.num_n_blocks, args.kv_heads, args.batch, args.pairs_per_group);
   const int n_block = cta.n_block, kv_head = cta.kv_head, bidb = cta.batch;
-  const Range mr = m_range_for_n(n_block, kBlockM, kBlockN, args.seqlen_q, args.seqlen_k, args.win_lo, args.win_hi);
+  const Range mr = args.vis.query_blocks(n_block, kBlockM, kBlockN);
   const int m_count = mr.hi >= mr.lo ? mr.hi - mr.lo + 1 : 0;
   const int n_iters = m_count * args.group;
   const int warp_group = threadIdx.x / 128;
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     float* dq_tile = dq_tile_of(head, m_block);
     if (args.deterministic) {
       int* sem = args.dq_sem + dq_tile_index(head, m_block);
-      dq_wait_turn(sem, n_block - first_n_for_m(m_block, kBlockN, kBlockM, args.win_lo), tid);
+      dq_wait_turn(sem, n_block - args.vis.first_key_block(m_block, kBlockM, kBlockN), tid);
       dq_accumulate(tdQrdQ, dq_tile, tid);
       dq_pass_turn(sem, tid);
     } else {
@@ -222,12 +222,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
       Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
       Tensor dp_rc = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
       const int q0 = m_block * kBlockM, k0 = n_block * kBlockN;
-      const bool need_mask =
-          tile_needs_mask(m_block, n_block, kBlockM, kBlockN, args.seqlen_k, args.win_lo, args.win_hi);
+      const bool need_mask = args.vis.tile_needs_mask(m_block, n_block, kBlockM, kBlockN);
       auto to_grads = [&](auto mask, auto softcap) {
         scores_to_grads<decltype(mask)::value, decltype(softcap)::value, kRS>(
-            s_rc, dp_rc, tScS_rc, ss.lse[stage], ss.dsum[stage], q0, k0, args.seqlen_k, args.win_lo, args.win_hi,
-            args.scale_log2, args.softcap_pre);
+            s_rc, dp_rc, tScS_rc, ss.lse[stage], ss.dsum[stage], q0, k0, args.vis, args.scale_log2,
+            args.softcap_pre);
       };
       warpgroup_wait<0>();
       if (args.has_softcap) {
@@ -337,12 +336,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     auto write_rows = [&](auto const& smem_tile, Element* out) {
       constexpr int kDim = decltype(size<1>(smem_tile))::value;
       constexpr int kChunksPerRow = kDim / 8;  // 16-byte chunks; the swizzle keeps each one contiguous
-      Element* base = out + (size_t(bidb) * args.seqlen_k * args.kv_heads + kv_head) * kDim;
+      Element* base = out + (size_t(bidb) * args.vis.seqlen_k * args.kv_heads + kv_head) * kDim;
       const size_t row_stride = size_t(args.kv_heads) * kDim;
       for (int idx = tid; idx < kBlockN * kChunksPerRow; idx += Traits::kNumMmaThreads) {
         const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
         const int row = n_block * kBlockN + r;
-        if (row < args.seqlen_k) {
+        if (row < args.vis.seqlen_k) {
           *reinterpret_cast<uint4*>(base + row * row_stride + c) = *reinterpret_cast<uint4 const*>(&smem_tile(r, c));
         }
       }

@@ -6,7 +6,6 @@
 
 #include "cute/tensor.hpp"
 
-#include "fa3/block_range.h"
 #include "fa3/bwd_block_order.cuh"
 #include "fa3/bwd_kernel.cuh"
 #include "fa3/bwd_launch.h"
@@ -14,6 +13,7 @@
 #include "fa3/bwd_preprocess.cuh"
 #include "fa3/bwd_traits.cuh"
 #include "fa3/launch_setup.h"
+#include "fa3/visibility.h"
 
 namespace fa3 {
 
@@ -45,7 +45,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
     const long long blocks = (total_rows + bwd::kPreprocessRowsPerBlock - 1) / bwd::kPreprocessRowsPerBlock;
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
     bwd::bwd_preprocess_kernel<Element, kHeadDim, kHeadDimV><<<unsigned(blocks), 256, 0, stream>>>(
-        static_cast<const Element*>(p.dout), static_cast<const Element*>(p.out), p.lse,
+        static_cast<const Element*>(p.dout), static_cast<const Element*>(p.out), p.lse, p.dlse,
         reinterpret_cast<float*>(wbase + ws.lse), reinterpret_cast<float*>(wbase + ws.dsum),
         reinterpret_cast<float*>(wbase + ws.dq), p.seqlen_q, p.heads, rows_padded, total_rows);
     err = cudaGetLastError();
@@ -64,15 +64,14 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   auto mK = make_gmem(p.k, p.seqlen_k, kHeadDim, p.kv_heads, p.batch);
   auto mV = make_gmem(p.v, p.seqlen_k, kHeadDimV, p.kv_heads, p.batch);
 
-  const MaskWindow w = MaskWindow::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
-  const int off = p.seqlen_k - p.seqlen_q;
+  const Visibility vis = Visibility::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
   constexpr float kLog2e = 1.4426950408889634f;
   const bool has_softcap = p.softcap > 0.f;
 
   constexpr int kSmem = Traits::kSmemBytes;
   const LaunchSetup& setup = launch_setup<bwd::bwd_kernel<Traits>>(kSmem, p.device);
   if (setup.err != cudaSuccess) return setup.err;
-  const bool masked = !w.unbounded(p.seqlen_q, p.seqlen_k);
+  const bool masked = !vis.unbounded();
   const int pairs_per_group =  // CTA order
       bwd::bwd_pairs_per_group(num_n, p.kv_heads * p.batch, masked, p.deterministic, setup.num_sms);
 
@@ -91,28 +90,37 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
     }
   }();
 
-  Args args{
-      make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}),
-                    Shape<typename Traits::BM, typename Traits::D>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, mdO, take<0, 2>(typename Traits::SmemLayoutdO{}),
-                    Shape<typename Traits::BM, typename Traits::DV>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, mK, typename Traits::SmemLayoutK{}, Shape<typename Traits::BN, typename Traits::D>{},
-                    _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, mV, typename Traits::SmemLayoutV{},
-                    Shape<typename Traits::BN, typename Traits::DV>{}, _1{}),
-      mQ.shape(), mdO.shape(), mK.shape(), mV.shape(),
-      dkv_out,
-      reinterpret_cast<const float*>(wbase + ws.lse), reinterpret_cast<const float*>(wbase + ws.dsum),
-      reinterpret_cast<float*>(wbase + ws.dq), p.deterministic ? reinterpret_cast<int*>(wbase + ws.sem) : nullptr,
-      p.seqlen_q, p.seqlen_k, p.heads, p.kv_heads, p.batch, p.heads / p.kv_heads,
-      num_m, num_n,
-      off - w.left, off + w.right,
-      has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e,
-      has_softcap ? p.softmax_scale / p.softcap : 0.f,
-      p.softmax_scale,
-      has_softcap,
-      p.deterministic,
-      pairs_per_group};
+  Args args;
+  args.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, take<0, 2>(typename Traits::SmemLayoutQ{}),
+                             Shape<typename Traits::BM, typename Traits::D>{}, _1{});
+  args.tma_do = make_tma_copy(SM90_TMA_LOAD{}, mdO, take<0, 2>(typename Traits::SmemLayoutdO{}),
+                              Shape<typename Traits::BM, typename Traits::DV>{}, _1{});
+  args.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, typename Traits::SmemLayoutK{},
+                             Shape<typename Traits::BN, typename Traits::D>{}, _1{});
+  args.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mV, typename Traits::SmemLayoutV{},
+                             Shape<typename Traits::BN, typename Traits::DV>{}, _1{});
+  args.shape_q = mQ.shape();
+  args.shape_do = mdO.shape();
+  args.shape_k = mK.shape();
+  args.shape_v = mV.shape();
+  args.dkv_out = dkv_out;
+  args.lse_log2 = reinterpret_cast<const float*>(wbase + ws.lse);
+  args.dsum = reinterpret_cast<const float*>(wbase + ws.dsum);
+  args.dq_accum = reinterpret_cast<float*>(wbase + ws.dq);
+  args.dq_sem = p.deterministic ? reinterpret_cast<int*>(wbase + ws.sem) : nullptr;
+  args.vis = vis;
+  args.heads = p.heads;
+  args.kv_heads = p.kv_heads;
+  args.batch = p.batch;
+  args.group = p.heads / p.kv_heads;
+  args.num_m_blocks = num_m;
+  args.num_n_blocks = num_n;
+  args.scale_log2 = has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e;
+  args.softcap_pre = has_softcap ? p.softmax_scale / p.softcap : 0.f;
+  args.softmax_scale = p.softmax_scale;
+  args.has_softcap = has_softcap;
+  args.deterministic = p.deterministic;
+  args.pairs_per_group = pairs_per_group;
 
   dim3 grid;
   if (!bwd::bwd_grid(num_n, p.kv_heads, p.batch, grid)) return cudaErrorInvalidConfiguration;
@@ -120,9 +128,10 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  if (p.heads > 65535) return cudaErrorInvalidConfiguration;
-  bwd::bwd_postprocess_kernel<Traits><<<dim3(num_m, p.heads, p.batch), 256, 0, stream>>>(
-      reinterpret_cast<const float*>(wbase + ws.dq), static_cast<Element*>(p.dq), p.seqlen_q, p.heads,
+  const long long dq_tiles = (long long)p.batch * p.heads * num_m;
+  if (dq_tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  bwd::bwd_postprocess_kernel<Traits><<<unsigned(dq_tiles), 256, 0, stream>>>(
+      reinterpret_cast<const float*>(wbase + ws.dq), static_cast<Element*>(p.dq), p.seqlen_q, p.heads, num_m,
       p.softmax_scale);
   return cudaGetLastError();
 }

@@ -25,6 +25,7 @@ struct BwdParams {
   const void* v = nullptr;
   const void* out = nullptr;
   const float* lse = nullptr;
+  const float* dlse = nullptr;  // (b, h, s_q) float32 cotangent of lse, or nullptr (lse not differentiated)
   void* dq = nullptr;  // (b, s_q, h, d)
   void* dk = nullptr;  // (b, s_k, h_k, d)
   void* dv = nullptr;  // (b, s_k, h_k, d_v)
@@ -34,13 +35,13 @@ struct BwdParams {
   int batch = 0, seqlen_q = 0, seqlen_k = 0, heads = 0, kv_heads = 0, head_dim = 0, head_dim_v = 0;
   float softmax_scale = 1.f;
   float softcap = 0.f;  // 0 = off
-  // Bottom-right window (see fa3/block_range.h); run_bwd clamps like the forward does.
+  // Bottom-right window (fa3/visibility.h, which also clamps it).
   int64_t window_left = 0, window_right = 0;
   bool deterministic = false;
   int device = 0;  // CUDA ordinal of `stream`'s device (per-device caches)
 };
 
-// Backward tiles (KERNELS.md §4.4, adapted; benchmarks/NOTES_bwd.md says why): query rows per M-block (kBlockM) and
+// Backward tiles (docs/kernels.md §3.11; benchmarks/NOTES_bwd.md says why): query rows per M-block (kBlockM) and
 // key rows per CTA (kBlockN). Host-visible because the workspace size depends on kBlockM.
 constexpr int bwd_block_m(int /*head_dim*/) { return 64; }
 constexpr int bwd_block_n(int head_dim) { return head_dim <= 128 ? 128 : 64; }
@@ -50,7 +51,7 @@ constexpr int bwd_block_n(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 //   [dq]   fp32 dQ accumulator, per (b, h, m-block) one kBlockM x d tile in MMA-fragment order (zeroed by the
 //          preprocess)
 //   [lse]  fp32 lse * log2(e) per (b, h, row), rows padded to whole M-blocks (-inf -> 0, padding -> +inf)
-//   [dsum] fp32 D = rowsum(dO * O), same shape (padding -> 0)
+//   [dsum] fp32 D = rowsum(dO * O) - dlse, same shape (padding -> 0)
 struct BwdWorkspaceLayout {
   int64_t sem = 0, dq = 0, lse = 0, dsum = 0, total = 0;
   int64_t zero_bytes = 0;  // [0, zero_bytes) is zeroed by a memset (the semaphores; the preprocess zeroes [dq])

@@ -1,4 +1,4 @@
-// Backward mainloop pieces (KERNELS.md §4.1): the WGMMA issue helper and the elementwise step that turns the
+// Backward mainloop pieces (docs/kernels.md §3.5): the WGMMA issue helper and the elementwise step that turns the
 // S and dP accumulators into P and dS.
 #pragma once
 
@@ -6,13 +6,15 @@
 
 #include "cute/tensor.hpp"
 
+#include "fa3/visibility.h"
+
 namespace fa3 {
 namespace bwd {
 
 // Issues one GEMM over all k-slices as a single WGMMA batch (no wait): SS, or RS when `a` is a register fragment.
-// kZeroInit: the first k-slice overwrites the accumulator (scale-out 0) instead of clearing registers (KERNELS.md §2
-// v1). A register A operand is fenced too: its registers must stay untouched until the matching warpgroup_wait, after
-// which the caller fences it again.
+// kZeroInit: the first k-slice overwrites the accumulator (scale-out 0) instead of clearing registers
+// (docs/kernels.md §2.3). A register A operand is fenced too: its registers must stay untouched until the matching
+// warpgroup_wait, after which the caller fences it again.
 template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
 CUTE_DEVICE void issue_gemm(TiledMma& mma, TA&& a, TB const& b, TC& c) {
   using namespace cute;
@@ -59,11 +61,11 @@ CUTE_DEVICE float tanh_approx(float x) {
 // q0 / k0: the tile's first query / key.
 //   P  = exp2(x - lse*log2e),  x = s*scale*log2e, or with softcap t = tanh(s*scale/cap), x = t*cap*log2e
 //   dS = P * (dP - D) * (softcap ? 1 - t^2 : 1)
-// Masked entries (key j visible from query i iff win_lo <= j - i <= win_hi and j < seqlen_k) get P = dS = 0 by a
-// select (their exp2 may overflow for rows whose lse was -inf).
+// Masked entries (pairs vis does not let see each other) get P = dS = 0 by a select (their exp2 may overflow for rows
+// whose lse was -inf).
 template <bool kMask, bool kSoftcap, bool kTransposed, class TS, class TdP, class TC>
 CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* lse_log2, const float* dsum, int q0,
-                                 int k0, int seqlen_k, int win_lo, int win_hi, float scale_log2, float softcap_pre) {
+                                 int k0, Visibility const& vis, float scale_log2, float softcap_pre) {
   using namespace cute;
   constexpr int kRows = decltype(size<0>(s))::value, kCols = decltype(size<1>(s))::value;
   // Visible columns of each row, relative to the tile origin: an interval, so the mask is two compares per entry.
@@ -72,11 +74,11 @@ CUTE_DEVICE void scores_to_grads(TS& s, TdP& dp, TC const& coords, const float* 
   for (int mi = 0; mi < kRows; ++mi) {
     const int r = get<0>(coords(mi, 0));
     if constexpr (kTransposed) {  // row = key k0 + r, columns = queries q0 + c
-      lo[mi] = k0 + r - win_hi - q0;
-      hi[mi] = k0 + r < seqlen_k ? k0 + r - win_lo - q0 : lo[mi] - 1;
+      lo[mi] = vis.first_query(k0 + r) - q0;
+      hi[mi] = vis.last_query(k0 + r) - q0;
     } else {                      // row = query q0 + r, columns = keys k0 + c
-      lo[mi] = q0 + r + win_lo - k0;
-      hi[mi] = min(q0 + r + win_hi, seqlen_k - 1) - k0;
+      lo[mi] = vis.first_key(q0 + r) - k0;
+      hi[mi] = vis.last_key(q0 + r) - k0;
     }
   }
   auto entry = [&](int mi, int ni, float lse_q, float d_q) {

@@ -1,4 +1,4 @@
-// Backward postprocess (KERNELS.md §4.3 (3)): dQ = softmax_scale * dQ_accum, converted to the element type.
+// Backward postprocess (docs/kernels.md §3.10): dQ = softmax_scale * dQ_accum, converted to the element type.
 // The accumulator holds each kBlockM x d tile in the dQ GEMM's fragment order (see bwd_dq.cuh), so this kernel
 // partitions an identity tensor with the same tiled MMA to find each value's (row, column).
 #pragma once
@@ -10,26 +10,29 @@
 namespace fa3 {
 namespace bwd {
 
-// grid (m_blocks, heads, batch), 256 threads (one per consumer thread of the main kernel). The converted tile is
+// 1-D grid of batch * heads * m_blocks CTAs ((b, h, m_block) with m_block fastest: the accumulator's tile order),
+// so no grid dimension limits batch or heads; 256 threads (one per consumer thread of the main kernel). The converted tile is
 // transposed to row-major through SMEM and written as whole 16-byte row chunks: stored straight from the fragment
 // positions, each warp store covered 16 of every 32 bytes of its sectors, and the kernel ran at ~60 % of HBM
 // bandwidth (NOTES_bwd.md v7). The row pitch is padded by 16 bytes, which spreads the fragment rows over all banks.
 template <class Traits>
 __global__ void __launch_bounds__(256) bwd_postprocess_kernel(const float* __restrict__ dq_accum,
                                                               typename Traits::Element* __restrict__ dq,
-                                                              int seqlen_q, int heads, float scale) {
+                                                              int seqlen_q, int heads, int num_m, float scale) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kHeadDim = Traits::kHeadDim;
   constexpr int kPitch = kHeadDim + 8;  // elements
   __shared__ alignas(16) Element tile[kBlockM * kPitch];
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int m_block = int(blockIdx.x % unsigned(num_m));
+  const int h = int(blockIdx.x / unsigned(num_m) % unsigned(heads));
+  const int b = int(blockIdx.x / unsigned(num_m) / unsigned(heads));
   const int tid = threadIdx.x;
   typename Traits::TiledMmadQ mma;
   auto thr = mma.get_thread_slice(tid);
   Tensor coords = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   static_assert(decltype(size(coords))::value == Traits::kdQPerThread);
-  const float* src = dq_accum + ((size_t(b) * heads + h) * gridDim.x + m_block) * (kBlockM * kHeadDim);
+  const float* src = dq_accum + size_t(blockIdx.x) * (kBlockM * kHeadDim);
   CUTE_UNROLL
   for (int g = 0; g < Traits::kdQPerThread / 4; ++g) {
     const float4 v = *reinterpret_cast<const float4*>(src + dq_granule_offset<Traits::kdQPerThread / 4>(g, tid));

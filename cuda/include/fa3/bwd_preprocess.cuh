@@ -1,7 +1,9 @@
-// Backward preprocess (KERNELS.md §4.3 (1)): D = rowsum(dO * O) in fp32 and lse * log2(e), both per (b, h, row)
-// with rows padded to whole M-blocks, and the row's slice of the fp32 dQ accumulator set to zero. lse = -inf (row sees
+// Backward preprocess (docs/kernels.md §3.2): D = rowsum(dO * O) - dlse in fp32 and lse * log2(e), both per
+// (b, h, row) with rows padded to whole M-blocks, and the row's slice of the fp32 dQ accumulator set to zero. lse = -inf (row sees
 // no key) becomes 0 so that masked scores give exp2(-inf - 0) = 0 rather than NaN; padding rows get lse = +inf and
-// D = 0, so P = 0 there without a row mask. (The deterministic mode's semaphores are zeroed by cudaMemsetAsync.)
+// D = 0, so P = 0 there without a row mask. dlse, the cotangent of lse (optional, nullptr when lse was not
+// differentiated), enters only here: d lse / d S = P, so it shifts every dS = P * (dP - D) of its row by P * dlse,
+// which is D - dlse in place of D. (The deterministic mode's semaphores are zeroed by cudaMemsetAsync.)
 #pragma once
 
 #include <cmath>
@@ -21,7 +23,8 @@ constexpr int kPreprocessRowsPerBlock = 256 / kPreprocessLanesPerRow;
 template <class Element, int kHeadDim, int kHeadDimV>
 __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const Element* __restrict__ dout,
                                                              const Element* __restrict__ out,
-                                                             const float* __restrict__ lse, float* __restrict__ lse_log2,
+                                                             const float* __restrict__ lse,
+                                                             const float* __restrict__ dlse, float* __restrict__ lse_log2,
                                                              float* __restrict__ dsum, float* __restrict__ dq_accum,
                                                              int seqlen_q, int heads, int rows_padded,
                                                              long long total_rows) {
@@ -61,12 +64,13 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const Element* __re
 #pragma unroll
   for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (sub == 0) {
-    dsum[r] = acc;
     float l = INFINITY;
     if (i < seqlen_q) {
       const float x = lse[bh * seqlen_q + i];
       l = x == -INFINITY ? 0.f : x * 1.4426950408889634f;
+      if (dlse != nullptr) acc -= dlse[bh * seqlen_q + i];
     }
+    dsum[r] = acc;
     lse_log2[r] = l;
   }
 }

@@ -1,6 +1,6 @@
-// Backward tile configuration: tile sizes, SMEM layouts and the five tiled WGMMAs (KERNELS.md §4).
+// Backward tile configuration: tile sizes, SMEM layouts and the five tiled WGMMAs (docs/kernels.md §3.4, §3.11).
 //
-// Two forms (KERNELS.md §4.1):
+// Two forms (docs/kernels.md §3.4):
 //  - RS (d <= 128, 128 key rows): the consumers compute S^T = K Q^T and dP^T = V dO^T, each warpgroup owning 64
 //    keys, so P^T and dS^T are register-A operands of dV += P^T dO and dK += dS^T Q; only dS goes through SMEM
 //    (for dQ = dS K, which needs both warpgroups' keys). Less SMEM operand traffic per FLOP, no P buffer, and the
@@ -18,6 +18,7 @@
 #include "cutlass/pipeline/sm90_pipeline.hpp"
 
 #include "fa3/bwd_launch.h"
+#include "fa3/visibility.h"
 
 namespace fa3 {
 namespace bwd {
@@ -216,9 +217,9 @@ struct BwdArgs {
   const float* dsum;      // workspace
   float* dq_accum;        // workspace
   int* dq_sem;            // workspace (deterministic only)
-  int seqlen_q, seqlen_k, heads, kv_heads, batch, group;
+  Visibility vis;         // the mask, and seqlen_q / seqlen_k
+  int heads, kv_heads, batch, group;
   int num_m_blocks, num_n_blocks;
-  int win_lo, win_hi;     // visible iff win_lo <= j - i <= win_hi (off - wl, off + wr)
   float scale_log2;       // softmax_scale * log2e (no softcap) or softcap * log2e (softcap)
   float softcap_pre;      // softmax_scale / softcap
   float softmax_scale;

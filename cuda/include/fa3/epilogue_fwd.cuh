@@ -3,7 +3,7 @@
 // Each consumer warpgroup stores its own 64 rows, so with a separate O buffer the warpgroups never wait for each
 // other here and one can start its next tile while the other is still storing.
 //
-// Not TMA-stored (§2 v6) yet: predicated stores are simple and can never write past seqlen_q.
+// Not TMA-stored (docs/kernels.md §2.7) yet: predicated stores are simple and can never write past seqlen_q.
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -49,7 +49,7 @@ struct FwdEpilogue {
       CUTE_UNROLL
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + get<0>(tOcO_rc(r, 0));
-        if (row < args.seqlen_q) lse_ptr[row] = lse[r];
+        if (row < args.vis.seqlen_q) lse_ptr[row] = lse[r];
       }
     }
 
@@ -75,7 +75,7 @@ struct FwdEpilogue {
       const int r = wg * kRowsPerWarpGroup + idx / kChunksPerRow;
       const int c = (idx % kChunksPerRow) * 8;
       const int row = row0 + r;
-      if (row < args.seqlen_q) {
+      if (row < args.vis.seqlen_q) {
         *reinterpret_cast<uint4*>(o_ptr + row * args.o_row_stride + c) = *reinterpret_cast<uint4 const*>(&sO(r, c));
       }
     }

@@ -1,4 +1,4 @@
-// Register-fragment views of WGMMA accumulators (KERNELS.md §2 v1).
+// Register-fragment views of WGMMA accumulators (docs/kernels.md §2.3).
 //
 // A 64xN FP32 accumulator fragment has layout ((2,2,N/8), MMA_M, MMA_N): (column pair, row r / r+8, 8-column
 // group). Two consecutive 8-column groups hold exactly the registers of one k16 slice of a register-A WGMMA operand

@@ -1,5 +1,5 @@
 // The forward kernel shell: roles, register reallocation, barrier setup, the loop over this CTA's tiles
-// (KERNELS.md §2 v2, v5).
+// (docs/kernels.md §2.1, §2.9).
 //
 // Warpgroup 0 is the producer (one elected thread issues all TMA; the other producer warps exit after giving their
 // registers back); warpgroups 1.. are consumers of 64 rows each. Both sides walk the same tile sequence
@@ -13,7 +13,7 @@
 #include "cutlass/arch/barrier.h"
 #include "cutlass/arch/reg_reconfig.h"
 
-#include "fa3/block_range.h"
+#include "fa3/visibility.h"
 #include "fa3/epilogue_fwd.cuh"
 #include "fa3/fwd_traits.cuh"
 #include "fa3/mainloop_fwd.cuh"
@@ -44,9 +44,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   __syncthreads();
 
   const FwdTileScheduler& sched = args.scheduler;
-  const MaskWindow window{args.window_left, args.window_right};
   auto tile_range = [&](FwdTileScheduler::Tile const& tile) {
-    return fwd_block_range(tile.m_block, Traits::kBlockM, Traits::kBlockN, args.seqlen_q, args.seqlen_k, window);
+    return args.vis.key_blocks(tile.m_block, Traits::kBlockM, Traits::kBlockN);
   };
   typename Mainloop::PipeStates pipes;
   int tiles_done = 0;  // tiles with a non-empty range that this CTA has run: the Q load count

@@ -6,16 +6,16 @@
 
 #include "cute/tensor.hpp"
 
-#include "fa3/block_range.h"
 #include "fa3/fwd_kernel.cuh"
 #include "fa3/fwd_launch.h"
 #include "fa3/fwd_traits.cuh"
 #include "fa3/launch_setup.h"
+#include "fa3/visibility.h"
 
 namespace fa3 {
 
 template <class Traits>
-cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t stream) {
+cudaError_t launch_fwd(const FwdParams& p, const Visibility& vis, cudaStream_t stream) {
   using namespace cute;
   using Element = typename Traits::Element;
   using Args = FwdArgs<Traits>;
@@ -41,7 +41,7 @@ cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t str
   if (setup.err != cudaSuccess) return setup.err;
   // Pair long with short m-blocks only where the tile costs (visible key blocks) differ along the sequence.
   auto key_blocks = [&](int m_block) {
-    const BlockRange r = fwd_block_range(m_block, Traits::kBlockM, Traits::kBlockN, p.seqlen_q, p.seqlen_k, w);
+    const BlockRange r = vis.key_blocks(m_block, Traits::kBlockM, Traits::kBlockN);
     return imax(0, r.n_max - r.n_min);
   };
   // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
@@ -51,22 +51,31 @@ cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t str
   constexpr float kLog2e = 1.4426950408889634f;
   const bool has_softcap = p.softcap > 0.f;
 
-  Args args{
-      make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{}, Shape<typename Traits::BM, typename Traits::D>{},
-                    _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
-                    Shape<typename Traits::BN, typename Traits::D>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
-                    Shape<typename Traits::BN, typename Traits::DV>{}, _1{}),
-      mQ.shape(), mK.shape(), mV.shape(),
-      static_cast<Element*>(p.out), p.o_batch_stride, p.o_row_stride, p.o_head_stride,
-      p.lse, p.lse_batch_stride, p.lse_head_stride,
-      p.seqlen_q, p.seqlen_k, p.heads, p.batch, p.heads / p.kv_heads,
-      sched,
-      w.left, w.right,
-      has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e,
-      has_softcap ? p.softmax_scale / p.softcap : 0.f,
-      has_softcap};
+  Args args;
+  args.tma_q = make_tma_copy(SM90_TMA_LOAD{}, mQ, typename Traits::SmemLayoutQ{},
+                             Shape<typename Traits::BM, typename Traits::D>{}, _1{});
+  args.tma_k = make_tma_copy(SM90_TMA_LOAD{}, mK, take<0, 2>(typename Traits::SmemLayoutK{}),
+                             Shape<typename Traits::BN, typename Traits::D>{}, _1{});
+  args.tma_v = make_tma_copy(SM90_TMA_LOAD{}, mV, take<0, 2>(typename Traits::SmemLayoutV{}),
+                             Shape<typename Traits::BN, typename Traits::DV>{}, _1{});
+  args.shape_q = mQ.shape();
+  args.shape_k = mK.shape();
+  args.shape_v = mV.shape();
+  args.out = static_cast<Element*>(p.out);
+  args.o_batch_stride = p.o_batch_stride;
+  args.o_row_stride = p.o_row_stride;
+  args.o_head_stride = p.o_head_stride;
+  args.lse = p.lse;
+  args.lse_batch_stride = p.lse_batch_stride;
+  args.lse_head_stride = p.lse_head_stride;
+  args.vis = vis;
+  args.heads = p.heads;
+  args.batch = p.batch;
+  args.head_group = p.heads / p.kv_heads;
+  args.scheduler = sched;
+  args.scale_log2 = has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e;
+  args.softcap_pre = has_softcap ? p.softmax_scale / p.softcap : 0.f;
+  args.has_softcap = has_softcap;
 
   fwd_kernel<Traits><<<dim3(unsigned(sched.ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   return cudaGetLastError();
@@ -77,11 +86,9 @@ cudaError_t launch_fwd(const FwdParams& p, const MaskWindow& w, cudaStream_t str
 // causal 4k at parity, and lost 16-22 % at causal 1k-2k; v7, H200, with the round-robin pingpong: +2 % at non-causal
 // 2k, -0.5..+4 % from 4k up, -14 % at causal 2k). The middle query row's visible key count stands for the mask's span:
 // seqlen_k without a window, about seqlen_k / 2 causal, the window's width for local attention.
-inline bool fwd_tall_tile_pays(const FwdParams& p, const MaskWindow& w) {
-  const int64_t row = p.seqlen_q / 2, off = int64_t(p.seqlen_k) - p.seqlen_q;
-  const int64_t first_key = row + off - w.left > 0 ? row + off - w.left : 0;
-  const int64_t last_key = row + off + w.right < p.seqlen_k - 1 ? row + off + w.right : p.seqlen_k - 1;
-  return p.seqlen_q >= 2048 && last_key - first_key + 1 >= 2048;
+inline bool fwd_tall_tile_pays(const Visibility& vis) {
+  const int row = vis.seqlen_q / 2;
+  return vis.seqlen_q >= 2048 && vis.last_key(row) - imax(vis.first_key(row), 0) + 1 >= 2048;
 }
 
 template <class Element, int kHeadDim, int kHeadDimV>
@@ -90,11 +97,11 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
       p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 || p.device >= kMaxDevices) {
     return cudaErrorInvalidValue;
   }
-  const MaskWindow w = MaskWindow::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
+  const Visibility vis = Visibility::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
   if constexpr (kHeadDim == 64 && kHeadDimV == 64) {
-    if (fwd_tall_tile_pays(p, w)) return launch_fwd<FwdTraits<Element, 64, 64, 192>>(p, w, stream);
+    if (fwd_tall_tile_pays(vis)) return launch_fwd<FwdTraits<Element, 64, 64, 192>>(p, vis, stream);
   }
-  return launch_fwd<FwdTraits<Element, kHeadDim, kHeadDimV>>(p, w, stream);
+  return launch_fwd<FwdTraits<Element, kHeadDim, kHeadDimV>>(p, vis, stream);
 }
 
 }  // namespace fa3

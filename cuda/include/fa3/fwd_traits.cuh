@@ -10,6 +10,7 @@
 #include "cutlass/numeric_types.h"
 
 #include "fa3/pipeline.cuh"
+#include "fa3/visibility.h"
 #include "fa3/tile_scheduler.cuh"
 #include "fa3/tile_size.h"
 
@@ -115,9 +116,9 @@ struct FwdArgs {
   int64_t o_batch_stride, o_row_stride, o_head_stride;
   float* lse;
   int64_t lse_batch_stride, lse_head_stride;
-  int seqlen_q, seqlen_k, heads, batch, head_group;  // head_group = heads / kv_heads
+  Visibility vis;  // the mask, and seqlen_q / seqlen_k
+  int heads, batch, head_group;  // head_group = heads / kv_heads
   FwdTileScheduler scheduler;
-  int window_left, window_right;  // clamped (MaskWindow)
   float scale_log2;               // exp2-domain score scale: scale*log2e, or softcap*log2e with softcap
   float softcap_pre;              // scale / softcap (softcap on), unused otherwise
   bool has_softcap;

@@ -1,4 +1,5 @@
-// Forward mainloop: TMA producer and WGMMA consumers for one (m-block, head, batch) tile (KERNELS.md §2 v2-v5).
+// Forward mainloop: TMA producer and WGMMA consumers for one (m-block, head, batch) tile (docs/kernels.md
+// §2.2-2.6).
 //
 // Producer (one elected thread): the first K block, Q (once the consumers freed Q's buffer from the previous tile),
 // then the other K/V blocks in descending order, K one block ahead of V.
@@ -9,12 +10,12 @@
 #include "cute/tensor.hpp"
 #include "cutlass/arch/barrier.h"
 
-#include "fa3/block_range.h"
 #include "fa3/fragment.cuh"
 #include "fa3/fwd_traits.cuh"
 #include "fa3/mask.cuh"
 #include "fa3/pipeline.cuh"
 #include "fa3/softmax.cuh"
+#include "fa3/visibility.h"
 
 namespace fa3 {
 
@@ -108,8 +109,8 @@ struct FwdMainloop {
     load_v(range.n_min);
   }
 
-  // Pingpong turns (§2 v3) run as one sequence over all tiles of the CTA, round robin over the consumer
-  // warpgroups (two, or three with the 192-row tile): warpgroup 0 issues first, each GEMM batch waits for the
+  // Pingpong turns (docs/kernels.md §2.6) run as one sequence over all tiles of the CTA, round robin over the
+  // consumer warpgroups (two, or three with the 192-row tile): warpgroup 0 issues first, each GEMM batch waits for the
   // warpgroup's turn and passes it to the next warpgroup right after issuing. The last warpgroup opens the sequence
   // with one pass before its first tile, so warpgroup 0 closes it with one extra wait after its last tile: arrivals
   // and waits then balance on every barrier, however many tiles (possibly none) the CTA ran.
@@ -127,10 +128,11 @@ struct FwdMainloop {
   // Consumer part of one tile with a non-empty range. tOrO and softmax: this thread's O accumulator (zero) and
   // statistics (2 rows per thread); q_phase: parity of the tile's Q load (tiles this CTA computed before, mod 2).
   //
-  // Intra-warpgroup overlap (§2 v4): iteration n issues S = Q K_n^T and O += P_{n+1} V_{n+1} back to back, then
-  // runs the softmax of S_n while the P V GEMM is still in flight; O is rescaled once that GEMM has retired.
-  // Pingpong (§2 v3, kPingpong): each warpgroup waits for its turn before issuing an iteration's GEMMs and hands
-  // the turn to the next warpgroup right after issuing, so one warpgroup's softmax overlaps the others' GEMMs.
+  // Intra-warpgroup overlap (docs/kernels.md §2.5): iteration n issues S = Q K_n^T and O += P_{n+1} V_{n+1} back to
+  // back, then runs the softmax of S_n while the P V GEMM is still in flight; O is rescaled once that GEMM has retired.
+  // Pingpong (docs/kernels.md §2.6, kPingpong): each warpgroup waits for its turn before issuing an iteration's GEMMs
+  // and hands the turn to the next warpgroup right after issuing, so one warpgroup's softmax overlaps the others'
+  // GEMMs.
   template <class FragO>
   CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block,
                               BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
@@ -163,7 +165,6 @@ struct FwdMainloop {
     // P (16-bit) as the register-A operand of P V; written after the softmax of each block.
     Tensor tOrP = make_tensor<Element>(acc_as_a_operand(LayoutS{}));
 
-    const int off = args.seqlen_k - args.seqlen_q;
     const int row0 = m_block * kBlockM;
     const int wg = thread_idx / 128;
     // The warpgroup after this one in the turn order (written as 1 - wg for two: the code measured before the ring).
@@ -182,7 +183,7 @@ struct FwdMainloop {
       if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);
       Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
       if constexpr (decltype(masked)::value) {
-        apply_mask(s_rc, tScS_rc, row0, n * kBlockN, args.seqlen_k, off, args.window_left, args.window_right);
+        apply_mask(s_rc, tScS_rc, row0, n * kBlockN, args.vis);
       }
     };
     auto to_p = [&](auto& tSrS) {

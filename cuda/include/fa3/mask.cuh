@@ -1,26 +1,26 @@
-// Element masking of a score fragment for boundary blocks (KERNELS.md §6.1). Only masked iterations call this;
-// the mask-free body never touches indices.
+// Element masking of a score fragment for boundary blocks (docs/kernels.md §4.3). Only masked iterations call
+// this; the mask-free body never touches indices.
 #pragma once
 
 #include <cmath>
 
 #include "cute/tensor.hpp"
 
+#include "fa3/visibility.h"
+
 namespace fa3 {
 
 // s, coords: (rows, cols) views of the score fragment and of its tile coordinates (an identity tensor partitioned
-// like the accumulator). row0/col0: global row/column of the tile origin. Row i keeps column j iff
-// j < seqlen_k and i + off - wl <= j <= i + off + wr (off = s_k - s_q).
+// like the accumulator). row0/col0: global row/column of the tile origin. Row i keeps the keys vis lets it see.
 template <class TensorS, class TensorC>
-CUTE_DEVICE void apply_mask(TensorS& s, TensorC const& coords, int row0, int col0, int seqlen_k, int off,
-                            int window_left, int window_right) {
+CUTE_DEVICE void apply_mask(TensorS& s, TensorC const& coords, int row0, int col0, Visibility const& vis) {
   using namespace cute;
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     const int i = row0 + get<0>(coords(r, 0));
     // Column limits relative to the tile origin, so the inner loop compares compile-time-ish column offsets.
-    const int lo = i + off - window_left - col0;
-    const int hi = min(i + off + window_right, seqlen_k - 1) - col0;
+    const int lo = vis.first_key(i) - col0;
+    const int hi = vis.last_key(i) - col0;
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); ++c) {
       const int j = get<1>(coords(r, c));

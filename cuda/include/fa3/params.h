@@ -29,9 +29,8 @@ struct FwdParams {
 
   float softmax_scale = 1.f;  // must be > 0
   float softcap = 0.f;        // 0 = off
-  // Bottom-right aligned window: row i sees key j iff i + s_k - s_q - window_left <= j <= i + s_k - s_q + window_right.
-  // Any int64 is accepted; run_fwd clamps to [-(s_q + s_k), s_k] / [-(s_q + s_k), s_q], which keeps every visible
-  // set unchanged and makes int32 arithmetic in the kernel safe.
+  // Bottom-right aligned window (fa3/visibility.h): row i sees key j iff
+  // i + s_k - s_q - window_left <= j <= i + s_k - s_q + window_right. Any int64 is accepted (Visibility::make clamps).
   int64_t window_left = 0;
   int64_t window_right = 0;
 

@@ -1,9 +1,9 @@
-// mbarrier pipelines and named barriers used by the warp-specialised kernels (KERNELS.md §2 v1/v2).
+// mbarrier pipelines and named barriers used by the warp-specialised kernels (docs/kernels.md §2.2, §2.6).
 //
 // A stage has a "full" barrier (count 1: the producer's arrive.expect_tx; TMA completes the transaction) and an
 // "empty" barrier (count = consumer warps: lane 0 of each consumer warp arrives once the warp's WGMMA reading the
-// stage has retired). Per-warp rather than per-thread arrivals keep the release cheap (§2 v2: per-thread arrivals
-// regressed FA3) while never assuming that the four warps of a warpgroup retire their WGMMA waits together.
+// stage has retired). Per-warp rather than per-thread arrivals keep the release cheap (docs/kernels.md §2.2:
+// per-thread arrivals regressed FA3) while never assuming that the four warps of a warpgroup retire their WGMMA waits together.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +16,7 @@ namespace fa3 {
 // ReservedNamedBarrierCount to these).
 enum class FwdBarrier : uint32_t {
   kConsumers = 0,   // all consumer threads (epilogue, when O is staged in Q's SMEM)
-  kPingpong0 = 1,   // pingpong (§2 v3): consumer warpgroup w (< 3) waits on kPingpong0 + w before issuing its GEMMs
+  kPingpong0 = 1,   // pingpong (docs/kernels.md §2.6): warpgroup w (< 3) waits on kPingpong0 + w before its GEMMs
   kEpilogue0 = 4,   // consumer warpgroup w's own epilogue barrier: kEpilogue0 + w
 };
 

@@ -1,4 +1,4 @@
-// Online softmax over WGMMA accumulator rows (KERNELS.md §2 v1, §6.1, §6.2).
+// Online softmax over WGMMA accumulator rows (docs/kernels.md §2.4, §4.4, §5).
 //
 // A row of a 64xN accumulator lives in a quad of 4 threads: the row max needs two butterfly shuffles, the row sum is
 // kept per thread and reduced once at the end. Scores are used in the exp2 domain with one folded constant
@@ -29,7 +29,7 @@ CUTE_DEVICE float tanh_approx(float x) {
 }
 
 // s -> tanh(s * scale / softcap); the softcap factor is folded into the exp2 scale. Apply BEFORE masking, or masked
-// -inf would become -softcap (§6.2).
+// -inf would become -softcap (docs/kernels.md §5).
 template <class Tensor>
 CUTE_DEVICE void apply_softcap(Tensor& s, float pre_scale) {
   CUTE_UNROLL
@@ -52,7 +52,8 @@ struct OnlineSoftmax {
 
   // s: (rows, cols) view of the score fragment, overwritten with unnormalised probabilities. rescale[r] is the
   // factor the caller applies to row r of O. A row that has seen only -inf keeps max -inf, gets p = 0 and
-  // rescale 0 (the max is replaced by 0 in the exponent so that -inf - -inf never forms a NaN, §6.1).
+  // rescale 0 (the max is replaced by 0 in the exponent so that -inf - -inf never forms a NaN, docs/kernels.md
+  // §4.4).
   template <class TensorS>
   CUTE_DEVICE void update(TensorS& s, float (&rescale)[kRows]) {
     using namespace cute;

@@ -1,4 +1,4 @@
-// Tile order of the forward grid (KERNELS.md §2 v5, §7 E3): which (m-block, head, batch) tiles a CTA computes.
+// Tile order of the forward grid (docs/kernels.md §2.9): which (m-block, head, batch) tiles a CTA computes.
 //
 // Non-persistent grid (one CTA per tile, d >= 192): tile idx = blockIdx.x; the m-blocks of one head are adjacent, so
 // CTAs running together share K/V in L2, and run last-to-first, so with causal masks the longest tiles start first

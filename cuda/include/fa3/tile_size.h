@@ -1,8 +1,8 @@
-// Forward tile configuration per head dim (KERNELS.md §3.1), shared by host and device code.
+// Forward tile configuration per head dim (docs/kernels.md §2.8), shared by host and device code.
 //
-// One configuration per (d, d_v), except d=64's two: causal/local/softcap are runtime branches. Where §3.1 lists
+// One configuration per (d, d_v), except d=64's two: causal/local/softcap are runtime branches. Where FA3 uses
 // different tiles per mask, we take the one that is legal for every mask with the P·V GEMM in register-A (RS) form:
-//   d=64:      128 x 128 (2 consumer warpgroups, pingpong) and §3.1's 192 x 128 (3 consumer warpgroups, 512 threads,
+//   d=64:      128 x 128 (2 consumer warpgroups, pingpong) and FA3's 192 x 128 (3 consumer warpgroups, 512 threads,
 //              pingpong round robin), chosen per call by the rows' key span (fwd_launch.cuh): the tall tile measured
 //              +2-10 % from 4k tokens up and -16 to -22 % at causal 1k-2k (H100, NOTES_fwd.md v6b), and with the
 //              round robin +2 % at non-causal 2k (H200, v7). ptxas caps a 512-thread kernel at 128 registers,
@@ -11,7 +11,7 @@
 //              without the slicing; the count moves by tens of bytes with the tile loop's formulation), outside the
 //              measured cost.
 //   d=96:      128 x 128. The 192-row tile spilled 128 B of loads at 128 registers.
-//   d=128:     128 x 128 (the causal/local tile; 128x176 is a tuning step, §2 v7).
+//   d=128:     128 x 128 (FA3's causal/local tile; its non-causal 128x176 is a later tuning step).
 //   d=192:     128 x 112;  (192,128): 128 x 128;  d=256: 128 x 80.
 // Registers: 24/240 (producer/consumer) with 2 consumer warpgroups, 32/160 with 3: 128*24 + 256*240 and
 // 128*32 + 384*160 both stay within the 64K-register file.
@@ -31,14 +31,14 @@ struct FwdTileSize {
   static constexpr int kStages = 2;  // K and V each
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumThreads = 128 * (kNumMmaWarpGroups + 1);
-  // Every head dim runs the intra-warpgroup overlap (§2 v4: P V of block n+1 in flight during the softmax of block
-  // n; mainloop_fwd.cuh). d >= 192 used the serial v2 loop until the overlap compiled spill-free there (uniform
+  // Every head dim runs the intra-warpgroup overlap (docs/kernels.md §2.5: P V of block n+1 in flight during the
+  // softmax of block n; mainloop_fwd.cuh). d >= 192 used the serial v2 loop until the overlap compiled spill-free there (uniform
   // SMEM descriptors); with it they measured 0 to +16 % at 4k-16k and -6 to +13 % at 1k-2k (H100, NOTES_fwd.md v6).
   // Pingpong between the consumer warpgroups where GEMM and softmax times are comparable (FA3: d <= 128). With
   // three (d=64, 192 rows) the turn goes round robin: up to +4 % over free-running warpgroups (NOTES_fwd.md v7).
   static constexpr bool kPingpong = kHeadDim <= 128;
-  // Persistent grid (§2 v5): one CTA per SM loops over tiles, the producer loading the next tile's Q and K while
-  // the consumers finish the current one. Needs O in its own SMEM buffer (Q's is being refilled): d <= 128 has the
+  // Persistent grid (docs/kernels.md §2.9): one CTA per SM loops over tiles, the producer loading the next tile's Q
+  // and K while the consumers finish the current one. Needs O in its own SMEM buffer (Q's is being refilled): d <= 128 has the
   // room (d=128: Q 32 + O 32 + K 64 + V 64 KB = 192 KB), d >= 192 does not (216-224 KB without it) and keeps one
   // CTA per tile with O staged in Q's buffer.
   static constexpr bool kPersistent = kHeadDim <= 128 && kHeadDimV <= 128;

@@ -1,0 +1,62 @@
+"""The examples run on CPU as a user would run them (a subprocess each, small settings) and report PASS, or FAIL with
+a non-zero exit status."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+# A tiny model, so that each training run takes seconds on 2 cores.
+TINY_LM = ("--steps", "6", "--batch", "2", "--seq", "32", "--dim", "32", "--depth", "1", "--heads", "2",
+           "--kv-heads", "1")
+
+
+def _run(cwd, script, *args, **env):
+  """Runs examples/<script> on CPU in directory cwd; returns (exit status, stdout + stderr)."""
+  proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], cwd=cwd, capture_output=True, text=True,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300, check=False)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def _verdicts(output):
+  """The PASS/FAIL words that begin lines (after an optional [timestamp] and indentation)."""
+  return re.findall(r"^(?:\[[^\]]*\])?\s*(PASS|FAIL)\b", output, flags=re.MULTILINE)
+
+
+def test_quickstart_passes_the_fa3_tolerance(tmp_path):
+  rc, output = _run(tmp_path, "quickstart.py")
+  assert rc == 0, output
+  assert _verdicts(output) == ["PASS"] * 5, output  # out, dq, dk, dv and the overall verdict
+  assert re.search(r"PASS out: max error \S+ vs allowed \S+", output), output
+
+
+def test_train_lm_compare_bfloat16_passes_and_plots(tmp_path):
+  pytest.importorskip("matplotlib")
+  rc, output = _run(tmp_path, "train_lm.py", "--compare", "--dtype", "bfloat16", *TINY_LM)  # default --plot
+  assert rc == 0, output
+  assert re.search(r"^PASS: fa3's mean distance from the float32 jax\.nn curve \S+ <= \S+ = 2 x jax\.nn bfloat16's "
+                   r"distance \S+ \+ --tolerance", output, flags=re.MULTILINE), output
+  assert "[jax float32]" in output, output  # the float32 run is not labelled as the bfloat16 "[jax]" one
+  plot = tmp_path / "train_lm_loss.png"
+  assert f"loss curves written to {plot}" in output, output
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_lm_compare_prints_fail_and_exits_nonzero_beyond_the_tolerance(tmp_path):
+  rc, output = _run(tmp_path, "train_lm.py", "--compare", "--dtype", "float32", "--tolerance", "-1", "--plot", "",
+                    *TINY_LM)
+  assert rc == 1, output
+  assert re.search(r"^FAIL: mean \|fa3 - jax\.nn\| over the curve \S+ > --tolerance -1", output,
+                   flags=re.MULTILINE), output
+  assert not list(tmp_path.iterdir()), "--plot '' writes no file"
+
+
+def test_multi_gpu_on_8_fake_cpu_devices_passes(tmp_path):
+  rc, output = _run(tmp_path, "multi_gpu.py", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  assert rc == 0, output
+  assert "8 x cpu" in output, output
+  assert _verdicts(output) == ["PASS"] * 6, output  # the sharded step, ring out/dq/dk/dv, overall
