@@ -73,6 +73,6 @@ NB_MODULE(_fa3_jax_cuda, m) {
 #ifdef FA3_JAX_HAS_BWD
   m.def("bwd_workspace_bytes", &fa3::bwd_workspace_bytes, nb::arg("batch"), nb::arg("seqlen_q"),
         nb::arg("seqlen_k"), nb::arg("heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("head_dim_v"),
-        nb::arg("deterministic"), "Bytes of the workspace result that fa3_jax_bwd expects.");
+        nb::arg("deterministic"), nb::arg("total_q") = 0, "Bytes of the workspace result that fa3_jax_bwd expects.");
 #endif
 }

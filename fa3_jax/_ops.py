@@ -4,13 +4,18 @@
 The contract with cuda/ffi/ (written once, here and in the handlers' comments):
 
   "fa3_jax_fwd"  operands q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, d_v)        [bf16|f16, BSHD]
+                 optional cu_seqlens_q, cu_seqlens_k (b + 1,) int32, seqused_q, seqused_k (b,) int32
                  results  out (b, s_q, h, d_v) q.dtype, lse (b, h, s_q) f32, workspace (n,) u8
-                 attrs    softmax_scale f32, softcap f32 (0 = off), window_left i64, window_right i64
+                 attrs    softmax_scale f32, softcap f32 (0 = off), window_left i64, window_right i64,
+                          max_seqlen_q i64, max_seqlen_k i64
   "fa3_jax_bwd"  operands dout (b, s_q, h, d_v), q, k, v, out (b, s_q, h, d_v), lse (b, h, s_q) f32
-                 optional dlse (b, h, s_q) f32, the cotangent of lse
+                 optional dlse (like lse) f32, the cotangent of lse; then the sequence layout as fwd
                  results  dq, dk, dv (shapes and dtypes of q, k, v), workspace (n,) u8
                  attrs    as fwd, plus deterministic bool
 
+  Sequence layout (cuda/ffi/problem.h, docs/kernels.md §10): cu_seqlens_q makes q packed, (total_q, h, d), with out
+  and dq alike and lse (h, total_q); cu_seqlens_k makes k and v packed; seqused_* limit the rows each sequence uses
+  in either form. max_seqlen_* bound a packed side's lengths and equal a BSHD side's seqlen.
   Each op's operand list is one `FfiOp` table below. Optional operands follow the required ones in table order, and
   each is present iff the bool attribute `with_<name>` is true (cuda/ffi/optional_operands.h decodes the same rule).
 
@@ -57,9 +62,10 @@ class FfiOp:
     return dict(zip(self.results, results))
 
 
-FWD = FfiOp("fa3_jax_fwd", operands=("q", "k", "v"), results=("out", "lse", "workspace"))
+_SEQUENCE_LAYOUT = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
+FWD = FfiOp("fa3_jax_fwd", operands=("q", "k", "v"), results=("out", "lse", "workspace"), optional=_SEQUENCE_LAYOUT)
 BWD = FfiOp("fa3_jax_bwd", operands=("dout", "q", "k", "v", "out", "lse"),
-            results=("dq", "dk", "dv", "workspace"), optional=("dlse",))
+            results=("dq", "dk", "dv", "workspace"), optional=("dlse", *_SEQUENCE_LAYOUT))
 
 
 # ---- which kernels exist ---------------------------------------------------------------------------------------
@@ -131,7 +137,8 @@ def _attributes(cfg: AttentionConfig, seqlen_q: int, seqlen_k: int) -> dict:
   left, right = cfg.resolved_window(seqlen_q, seqlen_k)
   # Explicit NumPy types: a Python float would arrive as f64 and fail to decode as the handler's float.
   return dict(softmax_scale=np.float32(cfg.softmax_scale), softcap=np.float32(cfg.softcap),
-              window_left=np.int64(left), window_right=np.int64(right))
+              window_left=np.int64(left), window_right=np.int64(right), max_seqlen_q=np.int64(seqlen_q),
+              max_seqlen_k=np.int64(seqlen_k))
 
 
 def fold_vmap(op, fold_into_heads=None):

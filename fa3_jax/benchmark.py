@@ -1,7 +1,8 @@
 """Timing attention implementations the FlashAttention way: used by `python -m fa3_jax` and benchmarks/.
 
 FLOPs follow the FlashAttention papers: forward 4 * batch * heads * seqlen_q * seqlen_k * head_dim, halved when
-causal; backward 2.5x forward. The backward is timed as (forward + backward) - forward.
+causal; backward 2.5x forward; packed (variable-length) batches count each document on its own
+(varlen_attention_flops). The backward is timed as (forward + backward) - forward (forward_backward_seconds).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ def attention_flops(batch: int, seqlen: int, heads: int, head_dim: int, causal: 
   return fwd * (2.5 if direction == "bwd" else 1.0)
 
 
+def varlen_attention_flops(seqlens, heads: int, head_dim: int, causal: bool, direction: str) -> float:
+  """Useful FLOPs of packed self-attention over documents of lengths `seqlens`: the sum of attention_flops over the
+  documents, each attending within itself only (padding and cross-document pairs count nothing)."""
+  return float(sum(attention_flops(1, int(s), heads, head_dim, causal, direction) for s in seqlens))
+
+
 def _ours(q, k, v, causal):
   return fa3_jax.flash_attn_func(q, k, v, causal=causal)
 
@@ -40,10 +47,15 @@ def native_head_dims(library: pathlib.Path) -> frozenset[int]:
   return frozenset(int(d) for d in re.findall(rb"flash_fwd_hdim(\d+)_", library.read_bytes()))
 
 
+def flash_attn3_jax_head_dims() -> frozenset[int]:
+  """Head dims the installed flash_attn3_jax wheel has native kernels for (ImportError when it is not installed)."""
+  import flash_attn3_jax_lib.flash_api as flash_api
+  return native_head_dims(pathlib.Path(flash_api.__file__))
+
+
 def _flash_attn3_jax():
   import flash_attn3_jax  # optional peer: FlashAttention-3's own kernels wrapped for JAX
-  import flash_attn3_jax_lib.flash_api as flash_api
-  head_dims = native_head_dims(pathlib.Path(flash_api.__file__))
+  head_dims = flash_attn3_jax_head_dims()
 
   def attention(q, k, v, causal):
     if q.shape[-1] not in head_dims:
@@ -79,6 +91,31 @@ def _median_seconds(fn, args, calls: int, repeats: int) -> float:
   return statistics.median(times)
 
 
+def forward_backward_seconds(attention: Callable, args, dout=None, extra_args=(), calls: int = 20,
+                             repeats: int = 5) -> tuple[float, float | None]:
+  """(forward, backward) median seconds of jit(attention)(*args, *extra_args), differentiated in args only.
+
+  The backward is timed as (forward + backward) - forward with cotangent dout; it is None without dout, and when
+  timing noise is larger than the backward itself (tiny shapes). extra_args (e.g. sequence lengths) are traced
+  operands that are not differentiated.
+  """
+  n = len(args)
+  t_fwd = _median_seconds(jax.jit(attention), (*args, *extra_args), calls, repeats)
+  if dout is None:
+    return t_fwd, None
+
+  def fwd_bwd(*operands):
+    diff, rest, cotangent = operands[:n], operands[n:-1], operands[-1]
+    return jax.vjp(lambda *d: attention(*d, *rest), *diff)[1](cotangent)
+  t_bwd = _median_seconds(jax.jit(fwd_bwd), (*args, *extra_args, dout), calls, repeats) - t_fwd
+  return t_fwd, (t_bwd if t_bwd > 0 else None)
+
+
+def error_summary(e: BaseException) -> str:
+  """One short line for an implementation that could not run a shape: 'Type: first line of the message'."""
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
 @dataclasses.dataclass
 class Measurement:
   implementation: str
@@ -100,19 +137,12 @@ def measure(name: str, attention: Callable, batch: int, seqlen: int, heads: int,
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   shape = (batch, seqlen, heads, head_dim)
   q, k, v, dout = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
-  fwd = jax.jit(functools.partial(attention, causal=causal))
   flops = functools.partial(attention_flops, batch, seqlen, heads, head_dim, causal)
   try:
-    t_fwd = _median_seconds(fwd, (q, k, v), calls, repeats)
-    t_bwd = None
-    if backward:
-      fwd_bwd = jax.jit(lambda q, k, v, dout: jax.vjp(functools.partial(attention, causal=causal), q, k, v)[1](dout))
-      t_bwd = _median_seconds(fwd_bwd, (q, k, v, dout), calls, repeats) - t_fwd
-      if t_bwd <= 0:  # timing noise larger than the backward itself (tiny shapes): report nothing, not garbage
-        t_bwd = None
+    t_fwd, t_bwd = forward_backward_seconds(functools.partial(attention, causal=causal), (q, k, v),
+                                            dout if backward else None, calls=calls, repeats=repeats)
   except Exception as e:  # an implementation that cannot run a shape (memory, unsupported) is reported, not fatal
-    return Measurement(name, batch, seqlen, heads, head_dim, causal, None, None, None, None,
-                       error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    return Measurement(name, batch, seqlen, heads, head_dim, causal, None, None, None, None, error=error_summary(e))
   return Measurement(name, batch, seqlen, heads, head_dim, causal, t_fwd * 1e3,
                      None if t_bwd is None else t_bwd * 1e3, flops("fwd") / t_fwd / 1e12,
                      None if t_bwd is None else flops("bwd") / t_bwd / 1e12)

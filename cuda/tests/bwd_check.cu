@@ -307,9 +307,14 @@ static fa3::BwdParams make_params(const Case& c, const DeviceBuffers& B, float s
   p.dv = B.dv;
   p.workspace = B.ws;
   p.workspace_bytes = B.ws_bytes;
+  p.q_strides = p.dq_strides = fa3::Strides::contiguous(c.sq, c.h, c.d);
+  p.dout_strides = p.out_strides = fa3::Strides::contiguous(c.sq, c.h, c.dv);
+  p.k_strides = p.dk_strides = fa3::Strides::contiguous(c.sk, c.hk, c.d);
+  p.v_strides = p.dv_strides = fa3::Strides::contiguous(c.sk, c.hk, c.dv);
+  p.lse_strides = fa3::Strides::row_stat(c.h, c.sq, false);
   p.batch = c.b;
-  p.seqlen_q = c.sq;
-  p.seqlen_k = c.sk;
+  p.seq_q = fa3::SeqSide::bshd(c.sq);
+  p.seq_k = fa3::SeqSide::bshd(c.sk);
   p.heads = c.h;
   p.kv_heads = c.hk;
   p.head_dim = c.d;
@@ -376,7 +381,7 @@ static bool run_case(const Case& c, bool verbose) {
   CK(cudaMalloc(&B.dq, nq * 2));
   CK(cudaMalloc(&B.dk, nk * 2));
   CK(cudaMalloc(&B.dv, nv * 2));
-  B.ws_bytes = fa3::bwd_workspace_bytes(c.b, c.sq, c.sk, c.h, c.hk, c.d, c.dv, c.deterministic);
+  B.ws_bytes = fa3::bwd_workspace_bytes(c.b, c.sq, c.sk, c.h, c.hk, c.d, c.dv, c.deterministic, 0);
   CK(cudaMalloc(&B.ws, B.ws_bytes));
   // Poison: NaN outputs, garbage workspace (XLA gives no guarantee on its contents).
   CK(cudaMemset(B.dq, 0xff, nq * 2));
@@ -439,7 +444,7 @@ static void alloc_random(const Case& c, DeviceBuffers& B) {
   CK(cudaMalloc(&B.dq, nq * 2));
   CK(cudaMalloc(&B.dk, nk * 2));
   CK(cudaMalloc(&B.dv, nv * 2));
-  B.ws_bytes = fa3::bwd_workspace_bytes(c.b, c.sq, c.sk, c.h, c.hk, c.d, c.dv, c.deterministic);
+  B.ws_bytes = fa3::bwd_workspace_bytes(c.b, c.sq, c.sk, c.h, c.hk, c.d, c.dv, c.deterministic, 0);
   CK(cudaMalloc(&B.ws, B.ws_bytes));
   CK(cudaGetLastError());
   CK(cudaDeviceSynchronize());

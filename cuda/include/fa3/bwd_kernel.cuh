@@ -1,4 +1,5 @@
-// Backward main kernel (docs/kernels.md §3.3): one CTA per (key block, kv head, batch), KV-stationary.
+// Backward main kernel (docs/kernels.md §3.3): one CTA per (key block, kv head, sequence), KV-stationary; key blocks
+// past their sequence's keys leave at once.
 //
 // Warpgroup 0 is the producer: thread 0 loads K and V once (one transaction barrier), then streams Q, dO and the
 // rows' lse / D of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline; on the bulk
@@ -28,11 +29,13 @@
 #include "fa3/bwd_mainloop.cuh"
 #include "fa3/bwd_traits.cuh"
 #include "fa3/fragment.cuh"
+#include "fa3/sequences.h"
 
 namespace fa3 {
 namespace bwd {
 
-template <class Traits>
+// kVarlen: sequences of their own lengths and offsets (fa3/sequences.h), else every sequence is the tensors' seqlen.
+template <class Traits, bool kVarlen>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __grid_constant__ BwdArgs<Traits> args) {
   using namespace cute;
   using Element = typename Traits::Element;
@@ -52,19 +55,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
 
   const CtaCoord cta = bwd_cta_coord(args.num_n_blocks, args.kv_heads, args.batch, args.pairs_per_group);
   const int n_block = cta.n_block, kv_head = cta.kv_head, bidb = cta.batch;
-  const Range mr = args.vis.query_blocks(n_block, kBlockM, kBlockN);
+  const Sequence seq = args.seqs.template at<kVarlen>(bidb);
+  const Visibility& vis = seq.vis;
+  if (n_block * kBlockN >= vis.seqlen_k) return;  // past the sequence's keys: no rows to compute or write
+  const Range mr = vis.query_blocks(n_block, kBlockM, kBlockN);
   const int m_count = mr.hi >= mr.lo ? mr.hi - mr.lo + 1 : 0;
   const int n_iters = m_count * args.group;
   const int warp_group = threadIdx.x / 128;
-  const int rows_padded = args.num_m_blocks * kBlockM;  // rows per (batch, head) of the lse / D workspace
   // Bulk dQ path (bwd_dq.cuh): consumers stage their dQ partials in SMEM, the writer warp adds them.
   const bool dq_bulk = Traits::kdQViaSmem && !args.deterministic;
-  auto dq_tile_index = [&](int head, int m_block) {  // of the dQ workspace tile and its semaphore
-    return (size_t(bidb) * args.heads + head) * args.num_m_blocks + m_block;
+  const int64_t ws_row0 = args.ws_rows.first_row(bidb, seq.q_offset);
+  auto ws_row = [&](int head, int m_block) {  // first workspace row of the (head, M-block) tile
+    return ws_row0 + head * args.ws_rows.head_rows + m_block * kBlockM;
   };
-  auto dq_tile_of = [&](int head, int m_block) {
-    return args.dq_accum + dq_tile_index(head, m_block) * (kBlockM * kHeadDim);
-  };
+  auto dq_tile_of = [&](int head, int m_block) { return args.dq_accum + ws_row(head, m_block) * kHeadDim; };
 
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = Traits::kTmaBytesPerStage;
@@ -95,8 +99,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     if (threadIdx.x != 0) return;
     Tensor mK = args.tma_k.get_tma_tensor(args.shape_k);
     Tensor mV = args.tma_v.get_tma_tensor(args.shape_v);
-    Tensor gK = local_tile(mK(_, _, kv_head, bidb), Shape<BN, D>{}, make_coord(n_block, _0{}));
-    Tensor gV = local_tile(mV(_, _, kv_head, bidb), Shape<BN, DV>{}, make_coord(n_block, _0{}));
+    // Blocks count from the sequence's first row (fa3/sequences.h); rows of a block past the sequence's end are
+    // masked (K, V) or have P = 0 (Q, dO: lse = +inf).
+    Tensor gK = local_tile(domain_offset(make_coord(seq.k_offset, _0{}), mK(_, _, kv_head, seq.k_batch)),
+                           Shape<BN, D>{}, make_coord(n_block, _0{}));
+    Tensor gV = local_tile(domain_offset(make_coord(seq.k_offset, _0{}), mV(_, _, kv_head, seq.k_batch)),
+                           Shape<BN, DV>{}, make_coord(n_block, _0{}));
     auto [tKgK, tKsK] = tma_partition(args.tma_k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
     auto [tVgV, tVsV] = tma_partition(args.tma_v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
     Barrier::arrive_and_expect_tx(&ss.kv_barrier, Traits::kTmaBytesKV);
@@ -109,13 +117,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     QueryTileCursor t{kv_head * args.group, mr.lo, mr.lo, mr.hi};
     for (int it = 0; it < n_iters; ++it, t.next()) {
       const int head = t.head, m_block = t.m_block;
-      Tensor gQ = local_tile(mQ(_, _, head, bidb), Shape<BM, D>{}, make_coord(m_block, _0{}));
-      Tensor gdO = local_tile(mdO(_, _, head, bidb), Shape<BM, DV>{}, make_coord(m_block, _0{}));
+      Tensor gQ = local_tile(domain_offset(make_coord(seq.q_offset, _0{}), mQ(_, _, head, seq.q_batch)),
+                             Shape<BM, D>{}, make_coord(m_block, _0{}));
+      Tensor gdO = local_tile(domain_offset(make_coord(seq.q_offset, _0{}), mdO(_, _, head, seq.q_batch)),
+                              Shape<BM, DV>{}, make_coord(m_block, _0{}));
       auto [tQgQ, tQsQ] = tma_partition(args.tma_q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ),
                                         group_modes<0, 2>(gQ));
       auto [tdOgdO, tdOsdO] = tma_partition(args.tma_do, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sdO),
                                             group_modes<0, 2>(gdO));
-      const size_t row_base = (size_t(bidb) * args.heads + head) * rows_padded + size_t(m_block) * kBlockM;
+      const int64_t row_base = ws_row(head, m_block);
       pipeline.producer_acquire(state);
       uint64_t* bar = pipeline.producer_get_barrier(state);
       copy(args.tma_q.with(*bar), tQgQ, tQsQ(_, state.index()));
@@ -195,8 +205,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     }
     float* dq_tile = dq_tile_of(head, m_block);
     if (args.deterministic) {
-      int* sem = args.dq_sem + dq_tile_index(head, m_block);
-      dq_wait_turn(sem, n_block - args.vis.first_key_block(m_block, kBlockM, kBlockN), tid);
+      int* sem = args.dq_sem + ws_row(head, m_block) / kBlockM;
+      dq_wait_turn(sem, n_block - vis.first_key_block(m_block, kBlockM, kBlockN), tid);
       dq_accumulate(tdQrdQ, dq_tile, tid);
       dq_pass_turn(sem, tid);
     } else {
@@ -222,10 +232,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
       Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
       Tensor dp_rc = make_tensor(tdPrdP.data(), acc_rowcol(tdPrdP.layout()));
       const int q0 = m_block * kBlockM, k0 = n_block * kBlockN;
-      const bool need_mask = args.vis.tile_needs_mask(m_block, n_block, kBlockM, kBlockN);
+      const bool need_mask = vis.tile_needs_mask(m_block, n_block, kBlockM, kBlockN);
       auto to_grads = [&](auto mask, auto softcap) {
         scores_to_grads<decltype(mask)::value, decltype(softcap)::value, kRS>(
-            s_rc, dp_rc, tScS_rc, ss.lse[stage], ss.dsum[stage], q0, k0, args.vis, args.scale_log2,
+            s_rc, dp_rc, tScS_rc, ss.lse[stage], ss.dsum[stage], q0, k0, vis, args.scale_log2,
             args.softcap_pre);
       };
       warpgroup_wait<0>();
@@ -300,8 +310,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
 
   // ---------------- epilogue: dK (scaled) and dV through SMEM ----------------
   // The accumulators are staged with stmatrix in the K / V buffers (free once both warpgroups' last GEMMs have
-  // retired), then leave whole: by TMA store or as 16-byte row chunks (Traits::kTmaStoreDKV); rows past seqlen_k are
-  // dropped. Stores straight from the fragment positions (4 bytes per thread, half of each 32-byte sector) made the
+  // retired), then leave whole: by TMA store or as 16-byte row chunks (BwdDKVOut); rows past the sequence's keys
+  // are dropped. Stores straight from the fragment positions (4 bytes per thread, half of each 32-byte sector) made the
   // main kernel ~3 us longer per CTA (NOTES_bwd.md v7: 675 -> 628 us at d=128 causal 2k, ~15.5 CTAs per SM).
   consumer_sync();
   auto stage = [&](auto& acc, auto const& mma, auto& smem_tile, float scale) {
@@ -317,37 +327,41 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
   Tensor sdV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutdVOut{});
   stage(tdKrdK, mma_dk, sdK, args.softmax_scale);
   stage(tdVrdV, mma_dv, sdV, 1.f);
-  if constexpr (Traits::kTmaStoreDKV) {
-    cutlass::arch::fence_view_async_shared();  // generic-proxy SMEM writes, read next by the TMA (async proxy)
-    consumer_sync();
-    if (tid == 0) {
-      auto store = [&](auto const& tma, auto const& shape, auto const& smem_tile, auto tile_shape) {
-        Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, kv_head, bidb), tile_shape, make_coord(n_block, _0{}));
-        auto [dst, src] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem_tile), group_modes<0, 2>(g));
-        copy(tma, src, dst);
-      };
-      store(args.dkv_out.dk, args.shape_k, sdK, Shape<BN, D>{});
-      store(args.dkv_out.dv, args.shape_v, sdV, Shape<BN, DV>{});
-      tma_store_arrive();
-      tma_store_wait<0>();  // the SMEM source must outlive the copies' reads
+  // Packed keys take the row writes: see BwdDKVOut.
+  if (Traits::kTmaStoreDKV && !(kVarlen && args.seqs.k.packed())) {
+    if constexpr (Traits::kTmaStoreDKV) {
+      cutlass::arch::fence_view_async_shared();  // generic-proxy SMEM writes, read next by the TMA (async proxy)
+      consumer_sync();
+      if (tid == 0) {
+        auto store = [&](auto const& tma, auto const& shape, auto const& smem_tile, auto tile_shape) {
+          Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, kv_head, seq.k_batch), tile_shape,
+                                make_coord(n_block, _0{}));
+          auto [dst, src] = tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem_tile),
+                                          group_modes<0, 2>(g));
+          copy(tma, src, dst);
+        };
+        store(args.dkv_out.tma_dk, args.shape_k, sdK, Shape<BN, D>{});
+        store(args.dkv_out.tma_dv, args.shape_v, sdV, Shape<BN, DV>{});
+        tma_store_arrive();
+        tma_store_wait<0>();  // the SMEM source must outlive the copies' reads
+      }
     }
   } else {
     consumer_sync();
-    auto write_rows = [&](auto const& smem_tile, Element* out) {
+    auto write_rows = [&](auto const& smem_tile, Element* out, Strides const& st) {
       constexpr int kDim = decltype(size<1>(smem_tile))::value;
       constexpr int kChunksPerRow = kDim / 8;  // 16-byte chunks; the swizzle keeps each one contiguous
-      Element* base = out + (size_t(bidb) * args.vis.seqlen_k * args.kv_heads + kv_head) * kDim;
-      const size_t row_stride = size_t(args.kv_heads) * kDim;
+      Element* base = out + seq.k_batch * st.batch + int64_t(seq.k_offset) * st.row + kv_head * st.head;
       for (int idx = tid; idx < kBlockN * kChunksPerRow; idx += Traits::kNumMmaThreads) {
         const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
         const int row = n_block * kBlockN + r;
-        if (row < args.vis.seqlen_k) {
-          *reinterpret_cast<uint4*>(base + row * row_stride + c) = *reinterpret_cast<uint4 const*>(&smem_tile(r, c));
+        if (row < vis.seqlen_k) {
+          *reinterpret_cast<uint4*>(base + row * st.row + c) = *reinterpret_cast<uint4 const*>(&smem_tile(r, c));
         }
       }
     };
-    write_rows(sdK, args.dkv_out.dk);
-    write_rows(sdV, args.dkv_out.dv);
+    write_rows(sdK, args.dkv_out.dk, args.dkv_out.dk_strides);
+    write_rows(sdV, args.dkv_out.dv, args.dkv_out.dv_strides);
   }
 }
 

@@ -9,6 +9,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "fa3/params.h"
+
 namespace cutlass {
 struct half_t;
 struct bfloat16_t;
@@ -16,56 +18,62 @@ struct bfloat16_t;
 
 namespace fa3 {
 
-struct BwdParams {
-  // BSHD, row-major, contiguous. dout/out: (b, s_q, h, d_v), q: (b, s_q, h, d), k: (b, s_k, h_k, d),
-  // v: (b, s_k, h_k, d_v); lse: (b, h, s_q) float32, natural log, -inf for rows with no visible key.
-  const void* dout = nullptr;
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  const void* out = nullptr;
-  const float* lse = nullptr;
-  const float* dlse = nullptr;  // (b, h, s_q) float32 cotangent of lse, or nullptr (lse not differentiated)
-  void* dq = nullptr;  // (b, s_q, h, d)
-  void* dk = nullptr;  // (b, s_k, h_k, d)
-  void* dv = nullptr;  // (b, s_k, h_k, d_v)
-  void* workspace = nullptr;  // bwd_workspace_bytes(...) bytes, contents undefined on entry, >= 256-byte aligned
-  int64_t workspace_bytes = 0;
-
-  int batch = 0, seqlen_q = 0, seqlen_k = 0, heads = 0, kv_heads = 0, head_dim = 0, head_dim_v = 0;
-  float softmax_scale = 1.f;
-  float softcap = 0.f;  // 0 = off
-  // Bottom-right window (fa3/visibility.h, which also clamps it).
-  int64_t window_left = 0, window_right = 0;
-  bool deterministic = false;
-  int device = 0;  // CUDA ordinal of `stream`'s device (per-device caches)
-};
-
 // Backward tiles (docs/kernels.md §3.11; benchmarks/NOTES_bwd.md says why): query rows per M-block (kBlockM) and
 // key rows per CTA (kBlockN). Host-visible because the workspace size depends on kBlockM.
 constexpr int bwd_block_m(int /*head_dim*/) { return 64; }
 constexpr int bwd_block_n(int head_dim) { return head_dim <= 128 ? 128 : 64; }
 
-// Workspace sections (byte offsets, each 256-aligned):
-//   [sem]  int32 per (b, h, m-block): deterministic dQ turn counters            (zeroed; deterministic only)
-//   [dq]   fp32 dQ accumulator, per (b, h, m-block) one kBlockM x d tile in MMA-fragment order (zeroed by the
-//          preprocess)
-//   [lse]  fp32 lse * log2(e) per (b, h, row), rows padded to whole M-blocks (-inf -> 0, padding -> +inf)
-//   [dsum] fp32 D = rowsum(dO * O) - dlse, same shape (padding -> 0)
+// Rows of the per-row workspace sections below: every (sequence, query head) owns whole M-blocks of rows.
+//   BSHD queries: (batch, heads, m-blocks of the seqlen) in that order, `head_rows` rows per (batch entry, head).
+//   Packed queries: `head_rows` rows per head; sequence b's M-blocks start at row
+//   floor((offset_b + b * kBlockM) / kBlockM) * kBlockM. For nondecreasing offsets (offset_{b+1} >= offset_b +
+//   length_b) these regions never overlap, and for any offsets in [0, total] they end within total + batch * kBlockM
+//   rows, which `head_rows` holds.
+struct BwdRows {
+  static constexpr int kBlockM = bwd_block_m(0);
+  bool packed = false;
+  int heads = 0;
+  int64_t head_rows = 0;
+
+  static BwdRows make(int64_t batch, int64_t seqlen_q, int64_t total_q, int64_t heads) {
+    BwdRows r;
+    r.packed = total_q > 0;
+    r.heads = int(heads);
+    const int64_t rows = r.packed ? total_q + batch * kBlockM : seqlen_q;
+    r.head_rows = (rows + kBlockM - 1) / kBlockM * kBlockM;
+    return r;
+  }
+  int64_t total(int64_t batch) const { return (packed ? 1 : batch) * heads * head_rows; }
+  // First row of sequence b (whose queries start at row q_offset of a packed tensor) for query head 0; head h's
+  // rows start h * head_rows later in both forms.
+  FA3_HOST_DEVICE int64_t first_row(int b, int q_offset) const {
+    if (!packed) return int64_t(b) * heads * head_rows;
+    return (q_offset + int64_t(b) * kBlockM) & ~int64_t(kBlockM - 1);
+  }
+  FA3_HOST_DEVICE int64_t first_row(int b, int head, int q_offset) const {
+    return first_row(b, q_offset) + head * head_rows;
+  }
+};
+
+// Workspace sections (byte offsets, each 256-aligned), over the rows of BwdRows:
+//   [sem]  int32 per M-block of rows: deterministic dQ turn counters                (zeroed; deterministic only)
+//   [dq]   fp32 dQ accumulator, per M-block one kBlockM x d tile in MMA-fragment order (zeroed by the preprocess)
+//   [lse]  fp32 lse * log2(e) per row (-inf -> 0, padding -> +inf)
+//   [dsum] fp32 D = rowsum(dO * O) - dlse per row (padding -> 0)
 struct BwdWorkspaceLayout {
   int64_t sem = 0, dq = 0, lse = 0, dsum = 0, total = 0;
   int64_t zero_bytes = 0;  // [0, zero_bytes) is zeroed by a memset (the semaphores; the preprocess zeroes [dq])
 };
 
-inline BwdWorkspaceLayout bwd_workspace_layout(int64_t batch, int64_t seqlen_q, int64_t heads, int64_t head_dim,
-                                               bool deterministic) {
+// seqlen_q: the queries' seqlen (BSHD) or max_seqlen; total_q: the rows of packed queries, 0 for BSHD.
+inline BwdWorkspaceLayout bwd_workspace_layout(int64_t batch, int64_t seqlen_q, int64_t total_q, int64_t heads,
+                                               int64_t head_dim, bool deterministic) {
   auto align = [](int64_t x) { return (x + 255) & ~int64_t(255); };
-  const int64_t bm = bwd_block_m(int(head_dim));
-  const int64_t m_blocks = (seqlen_q + bm - 1) / bm;
-  const int64_t rows = batch * heads * m_blocks * bm;
+  const BwdRows r = BwdRows::make(batch, seqlen_q, total_q, heads);
+  const int64_t rows = r.total(batch);
   BwdWorkspaceLayout w;
   w.sem = 0;
-  w.dq = deterministic ? align(batch * heads * m_blocks * 4) : 0;
+  w.dq = deterministic ? align(rows / BwdRows::kBlockM * 4) : 0;
   w.lse = w.dq + align(rows * head_dim * 4);
   w.dsum = w.lse + align(rows * 4);
   w.total = w.dsum + align(rows * 4);
@@ -74,8 +82,9 @@ inline BwdWorkspaceLayout bwd_workspace_layout(int64_t batch, int64_t seqlen_q, 
 }
 
 // Runs preprocess, main and postprocess kernels on `stream`. No allocation, no synchronisation. The caller
-// guarantees compute capability 9.0, 1 <= seqlen_q, seqlen_k; heads % kv_heads == 0; head dims match the
-// instantiation; 16-byte aligned pointers; workspace of bwd_workspace_bytes(...). Returns the first CUDA error.
+// guarantees compute capability 9.0; fa3::valid_problem; head dims match the instantiation; 16-byte aligned pointers
+// and row strides that are multiples of 8 elements; workspace of bwd_workspace_bytes(...). Returns the first CUDA
+// error.
 template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_bwd(const BwdParams& params, cudaStream_t stream);
 

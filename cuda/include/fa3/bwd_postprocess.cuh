@@ -6,53 +6,69 @@
 #include "cute/tensor.hpp"
 
 #include "fa3/bwd_dq.cuh"
+#include "fa3/bwd_launch.h"
+#include "fa3/params.h"
+#include "fa3/sequences.h"
 
 namespace fa3 {
 namespace bwd {
 
-// 1-D grid of batch * heads * m_blocks CTAs ((b, h, m_block) with m_block fastest: the accumulator's tile order),
-// so no grid dimension limits batch or heads; 256 threads (one per consumer thread of the main kernel). The converted tile is
-// transposed to row-major through SMEM and written as whole 16-byte row chunks: stored straight from the fragment
-// positions, each warp store covered 16 of every 32 bytes of its sectors, and the kernel ran at ~60 % of HBM
-// bandwidth (NOTES_bwd.md v7). The row pitch is padded by 16 bytes, which spreads the fragment rows over all banks.
+// 1-D grid of batch * heads * m_blocks CTAs ((b, h, m_block) with m_block fastest; M-blocks past a sequence's end
+// leave at once), so no grid dimension limits batch or heads; 256 threads (one per consumer thread of the main
+// kernel). The converted tile is transposed to row-major through SMEM and written as whole 16-byte row chunks: stored
+// straight from the fragment positions, each warp store covered 16 of every 32 bytes of its sectors, and the kernel
+// ran at ~60 % of HBM bandwidth (NOTES_bwd.md v7). The row pitch is padded by 16 bytes, which spreads the fragment
+// rows over all banks.
 template <class Traits>
-__global__ void __launch_bounds__(256) bwd_postprocess_kernel(const float* __restrict__ dq_accum,
-                                                              typename Traits::Element* __restrict__ dq,
-                                                              int seqlen_q, int heads, int num_m, float scale) {
+struct BwdPostprocessArgs {
+  const float* dq_accum;
+  typename Traits::Element* dq;
+  Strides dq_strides;
+  BwdRows ws_rows;
+  SeqSide seq_q;
+  int heads, num_m;  // num_m: M-blocks of the longest sequence
+  float scale;
+};
+
+template <class Traits>
+__global__ void __launch_bounds__(256) bwd_postprocess_kernel(const BwdPostprocessArgs<Traits> args) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kHeadDim = Traits::kHeadDim;
   constexpr int kPitch = kHeadDim + 8;  // elements
   __shared__ alignas(16) Element tile[kBlockM * kPitch];
-  const int m_block = int(blockIdx.x % unsigned(num_m));
-  const int h = int(blockIdx.x / unsigned(num_m) % unsigned(heads));
-  const int b = int(blockIdx.x / unsigned(num_m) / unsigned(heads));
+  const int m_block = int(blockIdx.x % unsigned(args.num_m));
+  const int h = int(blockIdx.x / unsigned(args.num_m) % unsigned(args.heads));
+  const int b = int(blockIdx.x / unsigned(args.num_m) / unsigned(args.heads));
+  int offset, seqlen;
+  args.seq_q.extent(b, offset, seqlen);
+  if (m_block * kBlockM >= seqlen) return;  // past the sequence: no workspace tile
   const int tid = threadIdx.x;
   typename Traits::TiledMmadQ mma;
   auto thr = mma.get_thread_slice(tid);
   Tensor coords = thr.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   static_assert(decltype(size(coords))::value == Traits::kdQPerThread);
-  const float* src = dq_accum + size_t(blockIdx.x) * (kBlockM * kHeadDim);
+  const float* src = args.dq_accum + (args.ws_rows.first_row(b, h, offset) + m_block * kBlockM) * kHeadDim;
   CUTE_UNROLL
   for (int g = 0; g < Traits::kdQPerThread / 4; ++g) {
     const float4 v = *reinterpret_cast<const float4*>(src + dq_granule_offset<Traits::kdQPerThread / 4>(g, tid));
     const float vals[4] = {v.x, v.y, v.z, v.w};
     CUTE_UNROLL
     for (int e = 0; e < 4; e += 2) {  // fragment values e, e + 1 are adjacent columns of one row
-      Element pair[2] = {Element(vals[e] * scale), Element(vals[e + 1] * scale)};
+      Element pair[2] = {Element(vals[e] * args.scale), Element(vals[e + 1] * args.scale)};
       *reinterpret_cast<uint32_t*>(&tile[get<0>(coords(g * 4 + e)) * kPitch + get<1>(coords(g * 4 + e))]) =
           *reinterpret_cast<uint32_t*>(pair);
     }
   }
   __syncthreads();
   constexpr int kChunksPerRow = kHeadDim / 8;
-  const size_t row_stride = size_t(heads) * kHeadDim;
-  Element* dst = dq + (size_t(b) * seqlen_q * heads + h) * kHeadDim;
+  const Strides& st = args.dq_strides;
+  Element* dst = args.dq + args.seq_q.batch_coord(b) * st.batch + int64_t(offset) * st.row + h * st.head;
   for (int idx = tid; idx < kBlockM * kChunksPerRow; idx += 256) {
     const int r = idx / kChunksPerRow, c = (idx % kChunksPerRow) * 8;
     const int row = m_block * kBlockM + r;
-    if (row < seqlen_q) {
-      *reinterpret_cast<uint4*>(dst + row * row_stride + c) = *reinterpret_cast<const uint4*>(&tile[r * kPitch + c]);
+    if (row < seqlen) {
+      *reinterpret_cast<uint4*>(dst + row * st.row + c) = *reinterpret_cast<const uint4*>(&tile[r * kPitch + c]);
     }
   }
 }

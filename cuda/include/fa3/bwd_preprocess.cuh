@@ -1,14 +1,19 @@
 // Backward preprocess (docs/kernels.md §3.2): D = rowsum(dO * O) - dlse in fp32 and lse * log2(e), both per
-// (b, h, row) with rows padded to whole M-blocks, and the row's slice of the fp32 dQ accumulator set to zero. lse = -inf (row sees
-// no key) becomes 0 so that masked scores give exp2(-inf - 0) = 0 rather than NaN; padding rows get lse = +inf and
-// D = 0, so P = 0 there without a row mask. dlse, the cotangent of lse (optional, nullptr when lse was not
-// differentiated), enters only here: d lse / d S = P, so it shifts every dS = P * (dP - D) of its row by P * dlse,
-// which is D - dlse in place of D. (The deterministic mode's semaphores are zeroed by cudaMemsetAsync.)
+// (sequence, head, row) with rows padded to whole M-blocks (BwdRows, bwd_launch.h), and the row's slice of the fp32
+// dQ accumulator set to zero. lse = -inf (row sees no key) becomes 0 so that masked scores give exp2(-inf - 0) = 0
+// rather than NaN; padding rows get lse = +inf and D = 0, so P = 0 there without a row mask. dlse, the cotangent of
+// lse (optional, nullptr when lse was not differentiated), enters only here: d lse / d S = P, so it shifts every
+// dS = P * (dP - D) of its row by P * dlse, which is D - dlse in place of D. (The deterministic mode's semaphores are
+// zeroed by cudaMemsetAsync.)
 #pragma once
 
 #include <cmath>
 
 #include "cutlass/numeric_types.h"
+
+#include "fa3/bwd_launch.h"
+#include "fa3/params.h"
+#include "fa3/sequences.h"
 
 namespace fa3 {
 namespace bwd {
@@ -20,38 +25,63 @@ namespace bwd {
 constexpr int kPreprocessLanesPerRow = 8;
 constexpr int kPreprocessRowsPerBlock = 256 / kPreprocessLanesPerRow;
 
+template <class Element>
+struct BwdPreprocessArgs {
+  const Element* dout;
+  const Element* out;
+  Strides dout_strides, out_strides;
+  const float* lse;
+  const float* dlse;  // nullptr: lse not differentiated
+  Strides lse_strides;
+  float* lse_log2;  // workspace sections (bwd_launch.h)
+  float* dsum;
+  float* dq_accum;
+  BwdRows ws_rows;
+  SeqSide seq_q;
+  int heads;
+  int seq_rows;  // rows visited per (batch entry, head): the longest sequence's M-blocks
+  long long total_rows;  // batch * heads * seq_rows
+};
+
+// Thread group r covers row i of (batch entry b, head h), r = (b * heads + h) * seq_rows + i. Rows past the
+// sequence's last M-block have no workspace rows (whole warps leave together: seq_rows and the M-blocks are
+// multiples of the 4 rows of a warp).
 template <class Element, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const Element* __restrict__ dout,
-                                                             const Element* __restrict__ out,
-                                                             const float* __restrict__ lse,
-                                                             const float* __restrict__ dlse, float* __restrict__ lse_log2,
-                                                             float* __restrict__ dsum, float* __restrict__ dq_accum,
-                                                             int seqlen_q, int heads, int rows_padded,
-                                                             long long total_rows) {
+__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdPreprocessArgs<Element> args) {
   constexpr int kLanes = kPreprocessLanesPerRow;
   const long long r = (long long)blockIdx.x * kPreprocessRowsPerBlock + threadIdx.x / kLanes;
-  if (r >= total_rows) return;  // whole warps: total_rows is a multiple of kBlockM (64), so the shuffles below are safe
+  if (r >= args.total_rows) return;
   const int sub = threadIdx.x % kLanes;
-  const int i = int(r % rows_padded);
-  const long long bh = r / rows_padded;
-  const int h = int(bh % heads);
-  const long long b = bh / heads;
+  const int i = int(r % args.seq_rows);
+  const long long bh = r / args.seq_rows;
+  const int h = int(bh % args.heads);
+  const int b = int(bh / args.heads);
+  int offset, seqlen;
+  args.seq_q.extent(b, offset, seqlen);
+  constexpr int kBlockM = BwdRows::kBlockM;
+  if (i >= (seqlen + kBlockM - 1) / kBlockM * kBlockM) return;
+  const int64_t ws_row = args.ws_rows.first_row(b, h, offset) + i;
 
-  float4* dq_row = reinterpret_cast<float4*>(dq_accum + r * kHeadDim);
+  float4* dq_row = reinterpret_cast<float4*>(args.dq_accum + ws_row * kHeadDim);
 #pragma unroll
   for (int c = sub; c < kHeadDim / 4; c += kLanes) dq_row[c] = make_float4(0.f, 0.f, 0.f, 0.f);
 
+  const int bc = args.seq_q.batch_coord(b);
+  const int64_t row = int64_t(offset) + i;  // in the tensors
   float acc = 0.f;
-  if (i < seqlen_q) {
-    const long long base = ((b * seqlen_q + i) * heads + h) * kHeadDimV;
+  if (i < seqlen) {
+    const Element* dout = args.dout + bc * args.dout_strides.batch + row * args.dout_strides.row +
+                          h * args.dout_strides.head;
+    const Element* out = args.out + bc * args.out_strides.batch + row * args.out_strides.row +
+                         h * args.out_strides.head;
     constexpr int kChunks = kHeadDimV / 8;  // 16-byte chunks per row
     constexpr int kPerLane = (kChunks + kLanes - 1) / kLanes;
     uint4 a[kPerLane], o[kPerLane];  // all loads first, then the arithmetic
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
       const bool in = k * kLanes + sub < kChunks;
-      a[k] = in ? *reinterpret_cast<const uint4*>(dout + base + (k * kLanes + sub) * 8) : uint4{0, 0, 0, 0};
-      o[k] = in ? *reinterpret_cast<const uint4*>(out + base + (k * kLanes + sub) * 8) : uint4{0, 0, 0, 0};
+      a[k] = in ? *reinterpret_cast<const uint4*>(dout + (k * kLanes + sub) * 8) : uint4{0, 0, 0, 0};
+      o[k] = in ? *reinterpret_cast<const uint4*>(out + (k * kLanes + sub) * 8) : uint4{0, 0, 0, 0};
     }
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
@@ -65,13 +95,14 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const Element* __re
   for (int off = kLanes / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (sub == 0) {
     float l = INFINITY;
-    if (i < seqlen_q) {
-      const float x = lse[bh * seqlen_q + i];
+    if (i < seqlen) {
+      const int64_t stat = bc * args.lse_strides.batch + h * args.lse_strides.head + row;
+      const float x = args.lse[stat];
       l = x == -INFINITY ? 0.f : x * 1.4426950408889634f;
-      if (dlse != nullptr) acc -= dlse[bh * seqlen_q + i];
+      if (args.dlse != nullptr) acc -= args.dlse[stat];
     }
-    dsum[r] = acc;
-    lse_log2[r] = l;
+    args.dsum[ws_row] = acc;
+    args.lse_log2[ws_row] = l;
   }
 }
 

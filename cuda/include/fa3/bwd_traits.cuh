@@ -165,7 +165,7 @@ struct BwdTraits {
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + manual 1024-byte alignment
   static_assert(kSmemBytes <= 232448, "backward tile exceeds 227 KB of SMEM");
 
-  // Global tensors as TMA sees them: (seqlen, d, heads, batch).
+  // Global tensors as TMA sees them: (rows, d, heads, batch entries); a packed side is one batch entry.
   using ShapeQKV = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
   using StrideQKV = cute::Stride<int64_t, _1, int64_t, int64_t>;
   using GmemTensor = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{},
@@ -192,17 +192,22 @@ struct BwdTraits {
   static_assert(kdQPerThread % 4 == 0);
 };
 
-// Where dK / dV go (Traits::kTmaStoreDKV): TMA store descriptors, or the tensors' base pointers for row writes.
-template <class Traits, bool kTma = Traits::kTmaStoreDKV>
-struct BwdDKVOut {
-  typename Traits::TMA_dK dk;
-  typename Traits::TMA_dV dv;
-};
+// Where dK / dV go: 16-byte row writes through the pointers, or TMA stores (Traits::kTmaStoreDKV) where the keys are
+// BSHD. Packed keys always take the row writes: a TMA store of a whole key block would write into the next
+// sequence's rows, which another CTA owns.
 template <class Traits>
-struct BwdDKVOut<Traits, false> {
+struct BwdDKVRows {
   typename Traits::Element* dk;
   typename Traits::Element* dv;
+  Strides dk_strides, dv_strides;
 };
+template <class Traits, bool kTma = Traits::kTmaStoreDKV>
+struct BwdDKVOut : BwdDKVRows<Traits> {
+  typename Traits::TMA_dK tma_dk;
+  typename Traits::TMA_dV tma_dv;
+};
+template <class Traits>
+struct BwdDKVOut<Traits, false> : BwdDKVRows<Traits> {};
 
 // Kernel arguments (built once on the host by run_bwd).
 template <class Traits>
@@ -217,9 +222,10 @@ struct BwdArgs {
   const float* dsum;      // workspace
   float* dq_accum;        // workspace
   int* dq_sem;            // workspace (deterministic only)
-  Visibility vis;         // the mask, and seqlen_q / seqlen_k
+  BwdRows ws_rows;        // where each (sequence, head) has its rows in the sections above
+  Sequences seqs;         // each sequence's rows, lengths and mask (seqs.at<kVarlen>(b))
   int heads, kv_heads, batch, group;
-  int num_m_blocks, num_n_blocks;
+  int num_m_blocks, num_n_blocks;  // of the longest sequences
   float scale_log2;       // softmax_scale * log2e (no softcap) or softcap * log2e (softcap)
   float softcap_pre;      // softmax_scale / softcap
   float softmax_scale;

@@ -1,9 +1,10 @@
 // Forward epilogue: normalise O, stage it (16-bit) in SMEM (its own buffer with the persistent grid, else Q's), write
-// it with coalesced 16-byte row-predicated stores, and write the LSE from the threads that own column 0 of each row.
+// it with coalesced 16-byte row-predicated stores (rows of the tile's sequence only), and write the LSE from the
+// threads that own column 0 of each row.
 // Each consumer warpgroup stores its own 64 rows, so with a separate O buffer the warpgroups never wait for each
 // other here and one can start its next tile while the other is still storing.
 //
-// Not TMA-stored (docs/kernels.md §2.7) yet: predicated stores are simple and can never write past seqlen_q.
+// Not TMA-stored (docs/kernels.md §2.7) yet: predicated stores are simple and can never write past the sequence's rows.
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -11,6 +12,7 @@
 #include "fa3/fragment.cuh"
 #include "fa3/fwd_traits.cuh"
 #include "fa3/pipeline.cuh"
+#include "fa3/sequences.h"
 #include "fa3/softmax.cuh"
 
 namespace fa3 {
@@ -22,8 +24,8 @@ struct FwdEpilogue {
   using Storage = typename Traits::SharedStorage;
 
   template <class FragO>
-  CUTE_DEVICE static void store(Args const& args, Storage& smem, int thread_idx, int m_block, int head, int batch,
-                                FragO& tOrO, OnlineSoftmax<2>& softmax) {
+  CUTE_DEVICE static void store(Args const& args, Storage& smem, int thread_idx, int m_block, int head,
+                                Sequence const& seq, FragO& tOrO, OnlineSoftmax<2>& softmax) {
     using namespace cute;
     constexpr int kBlockM = Traits::kBlockM;
     constexpr int kHeadDimV = Traits::kHeadDimV;
@@ -43,13 +45,14 @@ struct FwdEpilogue {
     Tensor tOcO = thr_pv.partition_C(cO);
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
 
-    const int row0 = m_block * kBlockM;
+    const int row0 = m_block * kBlockM;  // rows count from the sequence's first row, seq.q_offset
+    const int seqlen_q = seq.vis.seqlen_q;
     if (get<1>(tOcO_rc(0, 0)) == 0) {
-      float* lse_ptr = args.lse + batch * args.lse_batch_stride + head * args.lse_head_stride;
+      float* lse_ptr = args.lse + seq.q_batch * args.lse_strides.batch + head * args.lse_strides.head + seq.q_offset;
       CUTE_UNROLL
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + get<0>(tOcO_rc(r, 0));
-        if (row < args.vis.seqlen_q) lse_ptr[row] = lse[r];
+        if (row < seqlen_q) lse_ptr[row] = lse[r];
       }
     }
 
@@ -70,13 +73,14 @@ struct FwdEpilogue {
 
     constexpr int kRowsPerWarpGroup = kBlockM / Traits::kNumMmaWarpGroups;
     constexpr int kChunksPerRow = kHeadDimV / 8;  // 16-byte chunks
-    Element* o_ptr = args.out + batch * args.o_batch_stride + head * args.o_head_stride;
+    const Strides& os = args.out_strides;
+    Element* o_ptr = args.out + seq.q_batch * os.batch + int64_t(seq.q_offset) * os.row + head * os.head;
     for (int idx = thread_idx % 128; idx < kRowsPerWarpGroup * kChunksPerRow; idx += 128) {
       const int r = wg * kRowsPerWarpGroup + idx / kChunksPerRow;
       const int c = (idx % kChunksPerRow) * 8;
       const int row = row0 + r;
-      if (row < args.vis.seqlen_q) {
-        *reinterpret_cast<uint4*>(o_ptr + row * args.o_row_stride + c) = *reinterpret_cast<uint4 const*>(&sO(r, c));
+      if (row < seqlen_q) {
+        *reinterpret_cast<uint4*>(o_ptr + row * os.row + c) = *reinterpret_cast<uint4 const*>(&sO(r, c));
       }
     }
   }

@@ -3,8 +3,8 @@
 //
 // Warpgroup 0 is the producer (one elected thread issues all TMA; the other producer warps exit after giving their
 // registers back); warpgroups 1.. are consumers of 64 rows each. Both sides walk the same tile sequence
-// (FwdTileScheduler) and skip the same empty tiles (no visible KV block), so the pipeline stages and the Q phase
-// advance in step without any hand-off between them. With the persistent grid the producer runs up to a tile
+// (FwdTileScheduler) and skip the same empty tiles (past the sequence's rows, or no visible KV block), so the
+// pipeline stages and the Q phase advance in step without any hand-off between them. With the persistent grid the producer runs up to a tile
 // ahead: it loads the next tile's first K block and, once every consumer warp is past its last Q K^T
 // (bar_q_empty), the next Q, while the consumers finish the last P V and the epilogue.
 #pragma once
@@ -13,15 +13,16 @@
 #include "cutlass/arch/barrier.h"
 #include "cutlass/arch/reg_reconfig.h"
 
-#include "fa3/visibility.h"
 #include "fa3/epilogue_fwd.cuh"
 #include "fa3/fwd_traits.cuh"
 #include "fa3/mainloop_fwd.cuh"
+#include "fa3/sequences.h"
 #include "fa3/tile_scheduler.cuh"
 
 namespace fa3 {
 
-template <class Traits>
+// kVarlen: sequences of their own lengths and offsets (fa3/sequences.h), else every sequence is the tensors' seqlen.
+template <class Traits, bool kVarlen>
 __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_CONSTANT FwdArgs<Traits> const args) {
   using namespace cute;
   using Storage = typename Traits::SharedStorage;
@@ -44,8 +45,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   __syncthreads();
 
   const FwdTileScheduler& sched = args.scheduler;
-  auto tile_range = [&](FwdTileScheduler::Tile const& tile) {
-    return args.vis.key_blocks(tile.m_block, Traits::kBlockM, Traits::kBlockN);
+  // A tile past its sequence's last row (sequences shorter than the longest, fa3/sequences.h) has nothing to
+  // compute or store.
+  auto tile_has_rows = [&](FwdTileScheduler::Tile const& tile, Sequence const& seq) {
+    return tile.m_block * Traits::kBlockM < seq.vis.seqlen_q;
+  };
+  auto tile_range = [&](FwdTileScheduler::Tile const& tile, Sequence const& seq) {
+    return seq.vis.key_blocks(tile.m_block, Traits::kBlockM, Traits::kBlockN);
   };
   typename Mainloop::PipeStates pipes;
   int tiles_done = 0;  // tiles with a non-empty range that this CTA has run: the Q load count
@@ -55,9 +61,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     if (warp_in_group == 0 && cute::elect_one_sync()) {
       Mainloop::prefetch_descriptors(args);
       sched.for_each_tile<Traits::kPersistent>([&](FwdTileScheduler::Tile const& tile) {
-        const BlockRange range = tile_range(tile);
+        const Sequence seq = args.seqs.template at<kVarlen>(tile.batch);
+        if (!tile_has_rows(tile, seq)) return;
+        const BlockRange range = tile_range(tile, seq);
         if (range.n_min >= range.n_max) return;
-        Mainloop::load(args, smem, tile.m_block, tile.head, tile.batch, range, pipes, tiles_done);
+        Mainloop::load(args, smem, tile.m_block, tile.head, seq, range, pipes, tiles_done);
         ++tiles_done;
       });
     }
@@ -68,14 +76,17 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename Traits::BM, typename Traits::DV>{});
     Mainloop::pingpong_open(thread_idx);
     sched.for_each_tile<Traits::kPersistent>([&](FwdTileScheduler::Tile const& tile) {
-      const BlockRange range = tile_range(tile);
+      const Sequence seq = args.seqs.template at<kVarlen>(tile.batch);
+      if (!tile_has_rows(tile, seq)) return;
+      const BlockRange range = tile_range(tile, seq);
       clear(tOrO);
       OnlineSoftmax<2> softmax(args.scale_log2);
       if (range.n_min < range.n_max) {  // else: no visible key, the epilogue writes O = 0 and LSE = -inf
-        Mainloop::mma(args, smem, thread_idx, tile.m_block, range, tOrO, softmax, pipes, uint32_t(tiles_done) & 1u);
+        Mainloop::mma(args, smem, thread_idx, tile.m_block, seq.vis, range, tOrO, softmax, pipes,
+                      uint32_t(tiles_done) & 1u);
         ++tiles_done;
       }
-      Epilogue::store(args, smem, thread_idx, tile.m_block, tile.head, tile.batch, tOrO, softmax);
+      Epilogue::store(args, smem, thread_idx, tile.m_block, tile.head, seq, tOrO, softmax);
     });
     Mainloop::pingpong_close(thread_idx);
   }

@@ -1,5 +1,5 @@
 // Host side of the forward kernel: TMA descriptors, kernel arguments, tile schedule, one-time per-device setup
-// (SMEM opt-in, SM count), launch.
+// (SMEM opt-in, SM count), the clearing of rows no sequence covers, launch.
 #pragma once
 
 #include <cmath>
@@ -10,44 +10,47 @@
 #include "fa3/fwd_launch.h"
 #include "fa3/fwd_traits.cuh"
 #include "fa3/launch_setup.h"
+#include "fa3/sequences.h"
+#include "fa3/uncovered_rows.cuh"
 #include "fa3/visibility.h"
 
 namespace fa3 {
 
-template <class Traits>
-cudaError_t launch_fwd(const FwdParams& p, const Visibility& vis, cudaStream_t stream) {
+template <class Traits, bool kVarlen>
+cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   using namespace cute;
   using Element = typename Traits::Element;
   using Args = FwdArgs<Traits>;
   constexpr int kHeadDim = Traits::kHeadDim;
   constexpr int kHeadDimV = Traits::kHeadDimV;
+  const Sequences seqs = p.sequences();
 
-  auto make_gmem = [](const void* ptr, int seqlen, int d, int heads, int batch, int64_t row, int64_t head,
-                      int64_t bat) {
+  // (rows, d, heads, batch entries): a packed side is one batch entry of all its rows.
+  auto make_gmem = [&](const void* ptr, SeqSide const& side, int d, int heads, Strides const& st) {
     return make_tensor(make_gmem_ptr(static_cast<Element const*>(ptr)),
-                       typename Traits::ShapeQKV{seqlen, d, heads, batch},
-                       typename Traits::StrideQKV{row, _1{}, head, bat});
+                       typename Traits::ShapeQKV{side.rows, d, heads, side.packed() ? 1 : p.batch},
+                       typename Traits::StrideQKV{st.row, _1{}, st.head, st.batch});
   };
-  auto mQ = make_gmem(p.q, p.seqlen_q, kHeadDim, p.heads, p.batch, p.q_row_stride, p.q_head_stride, p.q_batch_stride);
-  auto mK = make_gmem(p.k, p.seqlen_k, kHeadDim, p.kv_heads, p.batch, p.k_row_stride, p.k_head_stride,
-                      p.k_batch_stride);
-  auto mV = make_gmem(p.v, p.seqlen_k, kHeadDimV, p.kv_heads, p.batch, p.v_row_stride, p.v_head_stride,
-                      p.v_batch_stride);
+  auto mQ = make_gmem(p.q, p.seq_q, kHeadDim, p.heads, p.q_strides);
+  auto mK = make_gmem(p.k, p.seq_k, kHeadDim, p.kv_heads, p.k_strides);
+  auto mV = make_gmem(p.v, p.seq_k, kHeadDimV, p.kv_heads, p.v_strides);
 
-  const int num_m_blocks = (p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  const int num_m_blocks = (p.seq_q.len + Traits::kBlockM - 1) / Traits::kBlockM;
   if ((long long)num_m_blocks * p.heads * p.batch > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   constexpr int kSmem = Traits::kSmemBytes;
-  const LaunchSetup& setup = launch_setup<fwd_kernel<Traits>>(kSmem, p.device);
+  const LaunchSetup& setup = launch_setup<fwd_kernel<Traits, kVarlen>>(kSmem, p.device);
   if (setup.err != cudaSuccess) return setup.err;
-  // Pair long with short m-blocks only where the tile costs (visible key blocks) differ along the sequence.
+  // Pair long with short m-blocks only where the tile costs (visible key blocks) differ along the sequence: in the
+  // longest sequence's rule, and always between sequences of different lengths.
+  const Visibility bound = seqs.bound();
   auto key_blocks = [&](int m_block) {
-    const BlockRange r = vis.key_blocks(m_block, Traits::kBlockM, Traits::kBlockN);
+    const BlockRange r = bound.key_blocks(m_block, Traits::kBlockM, Traits::kBlockN);
     return imax(0, r.n_max - r.n_min);
   };
   // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
   const FwdTileScheduler sched = FwdTileScheduler::make(
-      num_m_blocks, p.heads, p.batch, key_blocks(0) != key_blocks(num_m_blocks - 1), Traits::kPersistent,
-      setup.num_sms);
+      num_m_blocks, p.heads, p.batch, !seqs.uniform() || key_blocks(0) != key_blocks(num_m_blocks - 1),
+      Traits::kPersistent, setup.num_sms);
   constexpr float kLog2e = 1.4426950408889634f;
   const bool has_softcap = p.softcap > 0.f;
 
@@ -62,13 +65,10 @@ cudaError_t launch_fwd(const FwdParams& p, const Visibility& vis, cudaStream_t s
   args.shape_k = mK.shape();
   args.shape_v = mV.shape();
   args.out = static_cast<Element*>(p.out);
-  args.o_batch_stride = p.o_batch_stride;
-  args.o_row_stride = p.o_row_stride;
-  args.o_head_stride = p.o_head_stride;
+  args.out_strides = p.out_strides;
   args.lse = p.lse;
-  args.lse_batch_stride = p.lse_batch_stride;
-  args.lse_head_stride = p.lse_head_stride;
-  args.vis = vis;
+  args.lse_strides = p.lse_strides;
+  args.seqs = seqs;
   args.heads = p.heads;
   args.batch = p.batch;
   args.head_group = p.heads / p.kv_heads;
@@ -77,7 +77,16 @@ cudaError_t launch_fwd(const FwdParams& p, const Visibility& vis, cudaStream_t s
   args.softcap_pre = has_softcap ? p.softmax_scale / p.softcap : 0.f;
   args.has_softcap = has_softcap;
 
-  fwd_kernel<Traits><<<dim3(unsigned(sched.ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
+  UncoveredRows uncovered;
+  uncovered.side = p.seq_q;
+  uncovered.batch = p.batch;
+  uncovered.heads = p.heads;
+  uncovered.tensors[0] = UncoveredRows::Tensor{p.out, p.out_strides, kHeadDimV};
+  uncovered.stat = p.lse;
+  uncovered.stat_strides = p.lse_strides;
+  if (cudaError_t err = clear_uncovered_rows(uncovered, stream); err != cudaSuccess) return err;
+
+  fwd_kernel<Traits, kVarlen><<<dim3(unsigned(sched.ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -93,15 +102,15 @@ inline bool fwd_tall_tile_pays(const Visibility& vis) {
 
 template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
-  if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || p.seqlen_q < 1 || p.seqlen_k < 1 || p.batch < 1 ||
-      p.heads < 1 || p.kv_heads < 1 || p.heads % p.kv_heads != 0 || p.device < 0 || p.device >= kMaxDevices) {
-    return cudaErrorInvalidValue;
-  }
-  const Visibility vis = Visibility::make(p.window_left, p.window_right, p.seqlen_q, p.seqlen_k);
+  if (p.head_dim != kHeadDim || p.head_dim_v != kHeadDimV || !valid_problem(p)) return cudaErrorInvalidValue;
+  using Traits = FwdTraits<Element, kHeadDim, kHeadDimV>;
+  const Sequences seqs = p.sequences();
+  // Sequences of unknown lengths take the 128-row tile: the tall one pays only on long ones.
+  if (!seqs.uniform()) return launch_fwd<Traits, true>(p, stream);
   if constexpr (kHeadDim == 64 && kHeadDimV == 64) {
-    if (fwd_tall_tile_pays(vis)) return launch_fwd<FwdTraits<Element, 64, 64, 192>>(p, vis, stream);
+    if (fwd_tall_tile_pays(seqs.bound())) return launch_fwd<FwdTraits<Element, 64, 64, 192>, false>(p, stream);
   }
-  return launch_fwd<FwdTraits<Element, kHeadDim, kHeadDimV>>(p, vis, stream);
+  return launch_fwd<Traits, false>(p, stream);
 }
 
 }  // namespace fa3

@@ -15,9 +15,9 @@ struct bfloat16_t;
 
 namespace fa3 {
 
-// Launches the forward kernel on `stream`. No allocation, no synchronisation. The caller guarantees:
-// compute capability 9.0, 1 <= seqlen_q, seqlen_k; heads % kv_heads == 0; head dims match the instantiation;
-// 16-byte aligned pointers and row strides that are multiples of 8 elements; softmax_scale > 0.
+// Launches the forward kernel on `stream` (after clearing the rows no sequence covers, docs/kernels.md §10.3). No
+// allocation, no synchronisation. The caller guarantees: compute capability 9.0; fa3::valid_problem; head dims match
+// the instantiation; 16-byte aligned pointers and row strides that are multiples of 8 elements; softmax_scale > 0.
 // Returns the first CUDA error (cudaFuncSetAttribute or launch), else cudaSuccess.
 template <class Element, int kHeadDim, int kHeadDimV>
 cudaError_t run_fwd(const FwdParams& params, cudaStream_t stream);

@@ -9,8 +9,9 @@
 #include "cutlass/gemm/collective/builders/sm90_common.inl"
 #include "cutlass/numeric_types.h"
 
+#include "fa3/params.h"
 #include "fa3/pipeline.cuh"
-#include "fa3/visibility.h"
+#include "fa3/sequences.h"
 #include "fa3/tile_scheduler.cuh"
 #include "fa3/tile_size.h"
 
@@ -58,7 +59,7 @@ struct FwdTraits {
   using SmemAtomO = decltype(cutlass::gemm::collective::detail::ss_smem_selector<cute::GMMA::Major::K, Element, BM, DV>());
   using SmemLayoutO = decltype(cute::tile_to_shape(SmemAtomO{}, cute::Shape<BM, DV>{}));
 
-  // Global tensors as (seqlen, d, head, batch) with runtime extents; TMA zero-fills rows past seqlen.
+  // Global tensors as (rows, d, head, batch) with runtime extents; TMA zero-fills rows past the tensor's end.
   using ShapeQKV = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
   using StrideQKV = cute::Stride<int64_t, cute::_1, int64_t, int64_t>;
   using GmemQKV = decltype(cute::make_tensor(cute::make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{},
@@ -111,12 +112,12 @@ struct FwdArgs {
   typename Traits::TmaQ tma_q;
   typename Traits::TmaK tma_k;
   typename Traits::TmaV tma_v;
-  typename Traits::ShapeQKV shape_q, shape_k, shape_v;  // (seqlen, d, heads, batch)
+  typename Traits::ShapeQKV shape_q, shape_k, shape_v;  // (rows, d, heads, batch entries); packed: one entry
   typename Traits::Element* out;
-  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  Strides out_strides;
   float* lse;
-  int64_t lse_batch_stride, lse_head_stride;
-  Visibility vis;  // the mask, and seqlen_q / seqlen_k
+  Strides lse_strides;
+  Sequences seqs;  // each sequence's rows, lengths and mask (seqs.at<kVarlen>(b))
   int heads, batch, head_group;  // head_group = heads / kv_heads
   FwdTileScheduler scheduler;
   float scale_log2;               // exp2-domain score scale: scale*log2e, or softcap*log2e with softcap

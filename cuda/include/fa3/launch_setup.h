@@ -8,9 +8,9 @@
 
 #include <mutex>
 
-namespace fa3 {
+#include "fa3/params.h"
 
-constexpr int kMaxDevices = 64;  // device ordinals the per-device caches hold
+namespace fa3 {
 
 struct LaunchSetup {
   cudaError_t err = cudaSuccess;

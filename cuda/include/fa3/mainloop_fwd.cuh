@@ -14,6 +14,7 @@
 #include "fa3/fwd_traits.cuh"
 #include "fa3/mask.cuh"
 #include "fa3/pipeline.cuh"
+#include "fa3/sequences.h"
 #include "fa3/softmax.cuh"
 #include "fa3/visibility.h"
 
@@ -61,16 +62,21 @@ struct FwdMainloop {
 
   // Run by one thread, for a tile with a non-empty range. tiles_loaded: tiles this CTA loaded before (Q's buffer is
   // reused from the second on).
-  CUTE_DEVICE static void load(Args const& args, Storage& smem, int m_block, int head, int batch,
+  CUTE_DEVICE static void load(Args const& args, Storage& smem, int m_block, int head, Sequence const& seq,
                                BlockRange const& range, PipeStates& st, int tiles_loaded) {
     using namespace cute;
     const int kv_head = head / args.head_group;
     Tensor sQ = make_tensor(make_smem_ptr(smem.qo.q_data()), typename Traits::SmemLayoutQ{});
     Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutK{});
     Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutV{});
-    Tensor mQ = args.tma_q.get_tma_tensor(args.shape_q)(_, _, head, batch);
-    Tensor mK = args.tma_k.get_tma_tensor(args.shape_k)(_, _, kv_head, batch);
-    Tensor mV = args.tma_v.get_tma_tensor(args.shape_v)(_, _, kv_head, batch);
+    // The sequence's rows: blocks are counted from its first row. A block reaching past the sequence's end reads
+    // the next sequence's rows (packed), which the mask hides (K, V) or no store writes back (Q).
+    Tensor mQ = domain_offset(make_coord(seq.q_offset, _0{}),
+                              args.tma_q.get_tma_tensor(args.shape_q)(_, _, head, seq.q_batch));
+    Tensor mK = domain_offset(make_coord(seq.k_offset, _0{}),
+                              args.tma_k.get_tma_tensor(args.shape_k)(_, _, kv_head, seq.k_batch));
+    Tensor mV = domain_offset(make_coord(seq.k_offset, _0{}),
+                              args.tma_v.get_tma_tensor(args.shape_v)(_, _, kv_head, seq.k_batch));
     Tensor gQ = local_tile(mQ, Shape<typename Traits::BM, typename Traits::D>{}, make_coord(m_block, _0{}));
     Tensor gK = local_tile(mK, Shape<typename Traits::BN, typename Traits::D>{}, make_coord(_, _0{}));
     Tensor gV = local_tile(mV, Shape<typename Traits::BN, typename Traits::DV>{}, make_coord(_, _0{}));
@@ -134,7 +140,7 @@ struct FwdMainloop {
   // and hands the turn to the next warpgroup right after issuing, so one warpgroup's softmax overlaps the others'
   // GEMMs.
   template <class FragO>
-  CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block,
+  CUTE_DEVICE static void mma(Args const& args, Storage& smem, int thread_idx, int m_block, Visibility const& vis,
                               BlockRange const& range, FragO& tOrO, OnlineSoftmax<2>& softmax,
                               PipeStates& st, uint32_t q_phase) {
     using namespace cute;
@@ -183,7 +189,7 @@ struct FwdMainloop {
       if (args.has_softcap) apply_softcap(tSrS, args.softcap_pre);
       Tensor s_rc = make_tensor(tSrS.data(), acc_rowcol(tSrS.layout()));
       if constexpr (decltype(masked)::value) {
-        apply_mask(s_rc, tScS_rc, row0, n * kBlockN, args.vis);
+        apply_mask(s_rc, tScS_rc, row0, n * kBlockN, vis);
       }
     };
     auto to_p = [&](auto& tSrS) {

@@ -44,10 +44,14 @@ struct Visibility {
 
   // Windows may be any int64. Clamping the diffs to [-s_q, s_k] changes no visible set (j - i of valid pairs lies in
   // [1 - s_q, s_k - 1]) and keeps every sum below within int32 for s_q, s_k <= 2^29 (the handlers' limit).
-  static Visibility make(int64_t window_left, int64_t window_right, int seqlen_q, int seqlen_k) {
+  // Host and device: the kernels build it per sequence (fa3/sequences.h).
+  FA3_HOST_DEVICE static Visibility make(int64_t window_left, int64_t window_right, int seqlen_q, int seqlen_k) {
     const int64_t off = int64_t(seqlen_k) - seqlen_q;
-    auto clamp = [&](int64_t x) { return int(x < -seqlen_q ? -seqlen_q : x > seqlen_k ? seqlen_k : x); };
-    return Visibility{seqlen_q, seqlen_k, clamp(off - window_left), clamp(off + window_right)};
+    return Visibility{seqlen_q, seqlen_k, clamp_diff(off - window_left, seqlen_q, seqlen_k),
+                      clamp_diff(off + window_right, seqlen_q, seqlen_k)};
+  }
+  FA3_HOST_DEVICE static int clamp_diff(int64_t x, int seqlen_q, int seqlen_k) {
+    return int(x < -seqlen_q ? -seqlen_q : x > seqlen_k ? seqlen_k : x);
   }
 
   // Nothing is masked but the seqlen_k tail.
