@@ -1,8 +1,9 @@
 #!/bin/bash
 # Forward A/B on a GPU machine: build fwd_check from several source trees and time them in interleaved rounds (the
 # GPU's clock and the machine drift by a few per cent between runs; interleaving pairs each round's cells).
-#   cuda/tests/run_fwd_ab.sh TREE...   each TREE a directory holding a cuda/ folder (a git worktree, or a copy carried
-#                                     to the device); the first is the baseline; variant name = basename of TREE
+#   cuda/tests/run_fwd_ab.sh TREE...   each TREE a source tree (cuda/, third_party/, CMakeLists.txt: a git worktree,
+#                                     or a copy carried to the device); the first is the baseline; variant name =
+#                                     basename of TREE
 #   FWD_ONLY="bf16_64x64 ..."  kernels (default bf16_64x64 bf16_128x128)   ROUNDS=5   JOBS (nvcc jobs per tree, 8)
 # Writes $OUT/bench.txt (every round), $OUT/summary.txt (cuda/tests/fwd_ab.py) and build logs; run from the
 # repository root (CUTLASS comes from .whl/nvidia_cutlass-4.2.0.0-py3-none-any.whl).
