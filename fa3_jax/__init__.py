@@ -6,9 +6,11 @@ from fa3_jax.context_parallel import zigzag_reorder
 from fa3_jax.context_parallel import zigzag_restore
 from fa3_jax.attention import flash_attn_func
 from fa3_jax.attention import flash_attn_qkvpacked_func
+from fa3_jax.attention import flash_attn_varlen_func
 from fa3_jax.attention import kernel_available
 from fa3_jax.jax_nn import dot_product_attention
 
 __all__ = ["RESIDUAL_NAMES", "context_parallel_attention", "dot_product_attention", "flash_attn_func",
-           "flash_attn_qkvpacked_func", "kernel_available", "zigzag_reorder", "zigzag_restore"]
+           "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "kernel_available", "zigzag_reorder",
+           "zigzag_restore"]
 __version__ = "0.1.0"

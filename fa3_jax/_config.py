@@ -1,8 +1,13 @@
-"""The static configuration of one attention call, shared by the reference and the kernels."""
+"""The configuration of one attention call, shared by the reference and the kernels: the static rule
+(AttentionConfig, with the one visibility rule of every Python path, `visible`) and where each sequence's rows are
+(SequenceLayout)."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,8 +30,87 @@ class AttentionConfig:
     """(left, right) with "unbounded" replaced by a bound that excludes nothing, as the kernels expect.
 
     The left side excludes nothing once left >= seqlen_k - 1 and the right side once right >= seqlen_q - 1, so
-    seqlen_k and seqlen_q are safe stand-ins for None: the kernels see plain integers, no sentinels.
+    seqlen_k and seqlen_q are safe stand-ins for None: the kernels see plain integers, no sentinels. Upper bounds of
+    the lengths serve as well (a variable-length call resolves with its max_seqlen_q / max_seqlen_k).
     """
     left = seqlen_k if self.window_left is None else self.window_left
     right = seqlen_q if self.window_right is None else self.window_right
     return left, right
+
+
+# ---- the visibility rule -----------------------------------------------------------------------------------------
+# Arguments are Python ints or broadcastable integer arrays; lengths may be per batch (e.g. shaped (b, 1, 1, 1)).
+
+def diagonal(row, seqlen_q, seqlen_k):
+  """The key on query `row`'s diagonal: alignment is bottom-right, the last query meets the last key."""
+  return row + seqlen_k - seqlen_q
+
+
+def key_bounds(row, seqlen_q, seqlen_k, cfg: AttentionConfig):
+  """(first, last): query `row` of a sequence of seqlen_q queries and seqlen_k keys may attend the keys
+  first <= col <= last, before clipping to the keys that exist (unbounded sides lie past every key)."""
+  left, right = cfg.resolved_window(seqlen_q, seqlen_k)
+  d = diagonal(row, seqlen_q, seqlen_k)
+  return d - left, d + right
+
+
+def visible(row, col, seqlen_q, seqlen_k, cfg: AttentionConfig):
+  """Whether query `row` may attend key `col` (both >= 0) of a sequence of seqlen_q queries and seqlen_k keys. Rows
+  and keys at or past their sequence's length see and are seen by nothing."""
+  first, last = key_bounds(row, seqlen_q, seqlen_k, cfg)
+  return (row < seqlen_q) & (col < seqlen_k) & (col >= first) & (col <= last)
+
+
+# ---- where the sequences are -------------------------------------------------------------------------------------
+
+SEQUENCE_ARRAYS = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+  """Where each sequence of a call lies in q's and k's rows (docs/integration.md §4.8). A pytree: the int32 arrays
+  are its leaves, the bounds static. The default, no arrays, is a plain BSHD call ("uniform").
+
+  A side (q or k) with cu_seqlens (batch + 1,) is packed: its tensors are (total, heads, dim), and sequence b owns
+  rows [offset(b), offset(b) + length(b)) with offset(b) = cu[b] clipped to [0, total]. Without, the side is BSHD
+  (batch, seqlen, heads, dim) and sequence b is batch entry b from row 0. length(b) is seqused[b] if given, else
+  cu[b + 1] - cu[b] (packed) or seqlen (BSHD), clipped to [0, max_seqlen] and to the rows from offset(b) on, where
+  max_seqlen is a packed side's static bound and a BSHD side's seqlen. No value of the arrays reaches outside the
+  tensors; well-formed ones (cu nondecreasing from 0, cu[-1] <= total, seqused <= the allotment) do as documented.
+  """
+
+  cu_seqlens_q: jax.Array | None = None
+  cu_seqlens_k: jax.Array | None = None
+  seqused_q: jax.Array | None = None
+  seqused_k: jax.Array | None = None
+  max_seqlen_q: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed q only
+  max_seqlen_k: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed k only
+
+  @property
+  def packed_q(self) -> bool:
+    return self.cu_seqlens_q is not None
+
+  @property
+  def packed_k(self) -> bool:
+    return self.cu_seqlens_k is not None
+
+  @property
+  def uniform(self) -> bool:
+    """Every sequence is its batch entry's whole seqlen (BSHD on both sides, no seqused)."""
+    return all(getattr(self, name) is None for name in SEQUENCE_ARRAYS)
+
+  def arrays(self) -> dict:
+    """The arrays by name (absent ones None), in the kernels' operand order."""
+    return {name: getattr(self, name) for name in SEQUENCE_ARRAYS}
+
+  def extents(self, side: str, rows: int):
+    """(offset, length) of side "q" or "k"'s sequences as int32 arrays (..., batch), leading (vmapped) axes kept.
+    rows is the side's row count: in all when packed, per batch entry (seqlen) when BSHD. A BSHD side's offset is
+    None (every sequence starts at row 0), and so is its length when it has no seqused (every row takes part)."""
+    cu, used = getattr(self, f"cu_seqlens_{side}"), getattr(self, f"seqused_{side}")
+    if cu is None:
+      return None, None if used is None else jnp.clip(used, 0, rows)
+    offset = jnp.clip(cu[..., :-1], 0, rows)
+    length = cu[..., 1:] - cu[..., :-1] if used is None else used
+    return offset, jnp.clip(length, 0, jnp.minimum(getattr(self, f"max_seqlen_{side}"), rows - offset))

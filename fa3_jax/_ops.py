@@ -38,7 +38,9 @@ from jax.sharding import PartitionSpec as P
 
 from fa3_jax import _extension
 from fa3_jax import reference
+from fa3_jax._config import SEQUENCE_ARRAYS
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +64,9 @@ class FfiOp:
     return dict(zip(self.results, results))
 
 
-_SEQUENCE_LAYOUT = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
-FWD = FfiOp("fa3_jax_fwd", operands=("q", "k", "v"), results=("out", "lse", "workspace"), optional=_SEQUENCE_LAYOUT)
+FWD = FfiOp("fa3_jax_fwd", operands=("q", "k", "v"), results=("out", "lse", "workspace"), optional=SEQUENCE_ARRAYS)
 BWD = FfiOp("fa3_jax_bwd", operands=("dout", "q", "k", "v", "out", "lse"),
-            results=("dq", "dk", "dv", "workspace"), optional=("dlse", *_SEQUENCE_LAYOUT))
+            results=("dq", "dk", "dv", "workspace"), optional=("dlse", *SEQUENCE_ARRAYS))
 
 
 # ---- which kernels exist ---------------------------------------------------------------------------------------
@@ -141,110 +142,185 @@ def _attributes(cfg: AttentionConfig, seqlen_q: int, seqlen_k: int) -> dict:
               max_seqlen_k=np.int64(seqlen_k))
 
 
-def fold_vmap(op, fold_into_heads=None):
-  """Make `op(*arrays) -> tuple of arrays` vmappable by folding the vmapped axis into the leading batch axis.
+def fold_vmap(op, fold, fold_into_heads=None):
+  """Make `op(*operands) -> tuple of arrays` vmappable by folding the vmapped axis into the problem.
 
-  Operands that are not batched are broadcast first, unless `fold_into_heads(axis_size, in_batched, *args)` handles
-  the call (the forward folds a q-only vmap into the query heads, so K/V are never copied). Nested vmaps fold too,
-  because the rule calls the folded op again. A vmap over a size-0 axis returns empty results without running `op`
-  (its results' shapes come from an abstract evaluation of one unbatched call).
+  Operands are arrays or pytrees of them (a SequenceLayout, None). Operands that are not batched are broadcast
+  first, then `fold(axis_size, *operands) -> (operands, unfold)` merges the vmapped axis (fold_fwd, fold_bwd) and
+  `unfold(*results)` splits it off the results again; unless `fold_into_heads(axis_size, in_batched, *operands)`
+  handles the call (the forward folds a q-only vmap into the query heads, so K/V are never copied). Nested vmaps
+  fold too, because the rule calls the folded op again. A vmap over a size-0 axis returns empty results without
+  running `op` (its results' shapes come from an abstract evaluation of one unbatched call).
   """
   folded = jax.custom_batching.custom_vmap(op)
 
   @folded.def_vmap
   def rule(axis_size, in_batched, *args):
+    in_batched = tuple(in_batched)
     if axis_size == 0:
-      unbatched = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype) for a, b in zip(args, in_batched)]
+      unbatched = jax.tree.map(lambda a, b: jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype), args,
+                               in_batched)
       shapes = jax.eval_shape(op, *unbatched)
       return tuple(jnp.zeros((0, *r.shape), r.dtype) for r in shapes), (True,) * len(shapes)
     if fold_into_heads is not None:
       results = fold_into_heads(folded, axis_size, in_batched, *args)
       if results is not None:
         return tuple(results), (True,) * len(results)
-    args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip(args, in_batched)]
-    results = folded(*[a.reshape(-1, *a.shape[2:]) for a in args])
-    return tuple(r.reshape(axis_size, -1, *r.shape[1:]) for r in results), (True,) * len(results)
+    args = jax.tree.map(lambda a, b: a if b else jnp.broadcast_to(a, (axis_size, *a.shape)), args, in_batched)
+    args, unfold = fold(axis_size, *args)
+    results = unfold(*folded(*args))
+    return tuple(results), (True,) * len(results)
 
   return folded
 
 
-def fwd_fold_into_heads(folded, axis_size, in_batched, q, k, v):
-  """vmap over q alone: stack the vmapped copies as extra query heads of each kv head's group."""
-  if tuple(in_batched) != (True, False, False):
+def _merge(x):
+  """(n, b, ...) -> (n * b, ...): n vmapped copies as one longer leading axis (batch, or a packed side's rows)."""
+  return x.reshape(-1, *x.shape[2:])
+
+
+def _split(x, n: int):
+  return x.reshape(n, -1, *x.shape[1:])
+
+
+def _merge_lse(x, packed: bool):
+  """An lse-shaped operand of n copies: BSHD (n, b, h, s) merges its batch, packed (n, h, total) its rows."""
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1) if packed else _merge(x)
+
+
+def _split_lse(x, n: int, packed: bool):
+  return jnp.moveaxis(x.reshape(x.shape[0], n, -1), 1, 0) if packed else _split(x, n)
+
+
+def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int) -> SequenceLayout:
+  """The layout of n problems run as one, from their layout (every array with a leading axis of n). A packed side
+  (rows_q / rows_k rows per copy) becomes one packing of n * batch sequences, copy i's offsets shifted by i * rows
+  and every length explicit (seqused, clipped as in its copy), so that rows past a copy's cu_seqlens[-1] stay
+  uncovered; a BSHD side's seqused concatenate like its batch."""
+  def side(name, rows):
+    offset, length = sequences.extents(name, rows)
+    if offset is None:
+      return None, None if length is None else _merge(length)
+    shift = rows * jnp.arange(n, dtype=jnp.int32)[:, None]
+    return jnp.append(_merge(offset + shift), jnp.int32(n * rows)), _merge(length)
+
+  (cu_q, used_q), (cu_k, used_k) = side("q", rows_q), side("k", rows_k)
+  return dataclasses.replace(sequences, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k)
+
+
+def fold_fwd(n: int, q, k, v, sequences):
+  """n forward problems (operands with a leading axis n) as one, and how to unfold its (out, lse)."""
+  folded = (_merge(q), _merge(k), _merge(v), fold_sequences(n, sequences, q.shape[1], k.shape[1]))
+  return folded, lambda out, lse: (_split(out, n), _split_lse(lse, n, sequences.packed_q))
+
+
+def fold_bwd(n: int, dout, q, k, v, out, lse, dlse, sequences):
+  """n backward problems as one, and how to unfold its (dq, dk, dv)."""
+  packed = sequences.packed_q
+  folded = (*map(_merge, (dout, q, k, v, out)), _merge_lse(lse, packed),
+            None if dlse is None else _merge_lse(dlse, packed), fold_sequences(n, sequences, q.shape[1], k.shape[1]))
+  return folded, lambda dq, dk, dv: (_split(dq, n), _split(dk, n), _split(dv, n))
+
+
+def fwd_fold_into_heads(folded, axis_size, in_batched, q, k, v, sequences):
+  """vmap over q alone: stack the vmapped copies as extra query heads of each kv head's group (BSHD or packed q:
+  the heads are the second-to-last axis of q and of lse)."""
+  batched = jax.tree.leaves(in_batched)
+  if not batched[0] or any(batched[1:]):
     return None
-  n, b, s, h, d = q.shape
-  hk = k.shape[2]
+  n, *rows, h, d = q.shape
+  hk = k.shape[-2]
   g = h // hk
-  q = q.reshape(n, b, s, hk, g, d).transpose(1, 2, 3, 0, 4, 5).reshape(b, s, hk * n * g, d)
-  out, lse = folded(q, k, v)
-  out = out.reshape(b, s, hk, n, g, -1).transpose(3, 0, 1, 2, 4, 5).reshape(n, b, s, h, -1)
-  lse = lse.reshape(b, hk, n, g, s).transpose(2, 0, 1, 3, 4).reshape(n, b, h, s)
-  return out, lse
+  q = jnp.moveaxis(q.reshape(n, *rows, hk, g, d), 0, -3).reshape(*rows, hk * n * g, d)
+  out, lse = folded(q, k, v, sequences)
+  out = jnp.moveaxis(out.reshape(*rows, hk, n, g, -1), -3, 0).reshape(n, *rows, h, -1)
+  lse = jnp.moveaxis(lse.reshape(*lse.shape[:-2], hk, n, g, lse.shape[-1]), -3, 0)
+  return out, lse.reshape(*lse.shape[:-3], h, lse.shape[-1])
 
 
 def _pad_last(x, size: int):
   return x if x.shape[-1] == size else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
-def fwd_kernel(q, k, v, cfg: AttentionConfig):
-  """The CUDA forward as an ffi_call (lowers for the cuda platform only). Returns (out, lse)."""
+def lse_shape(q, sequences: SequenceLayout) -> tuple[int, ...]:
+  """lse's shape for q: (heads, total_q) when `sequences` packs q, else (batch, heads, seqlen_q)."""
+  return (q.shape[1], q.shape[0]) if sequences.packed_q else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _problem_sizes(q, k, sequences: SequenceLayout) -> tuple[int, int, int]:
+  """(batch, max_seqlen_q, max_seqlen_k) as the handlers decode them: a packed side's sequence count and bound, a
+  BSHD side's batch and seqlen."""
+  batch = sequences.cu_seqlens_q.shape[0] - 1 if sequences.packed_q else q.shape[0]
+  max_q = sequences.max_seqlen_q if sequences.packed_q else q.shape[1]
+  max_k = sequences.max_seqlen_k if sequences.packed_k else k.shape[1]
+  return batch, max_q, max_k
+
+
+def fwd_kernel(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
+  """The CUDA forward as an ffi_call (lowers for the cuda platform only). Returns (out, lse) in q's layout:
+  out (*q.shape[:-1], d_v), lse (b, h, s_q), or (h, total_q) where `sequences` packs q."""
   head_dim, head_dim_v = q.shape[-1], v.shape[-1]
   dims = kernel_head_dims("fwd", q.dtype, head_dim, head_dim_v) or (head_dim, head_dim_v)
 
-  def call(q, k, v):
-    b, sq, h, _ = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+  def call(q, k, v, sequences):
+    batch, max_q, max_k = _problem_sizes(q, k, sequences)
     d, dv = dims
-    n = _extension.workspace_bytes("fwd", b, sq, sk, h, hk, d, dv)
-    result_types = (_result_type(q, (b, sq, h, dv), q.dtype), _result_type(q, (b, h, sq), jnp.float32),
-                    _result_type(q, (n,), jnp.uint8))
+    n = _extension.workspace_bytes("fwd", batch, max_q, max_k, q.shape[-2], k.shape[-2], d, dv)
+    result_types = (_result_type(q, (*q.shape[:-1], dv), q.dtype),
+                    _result_type(q, lse_shape(q, sequences), jnp.float32), _result_type(q, (n,), jnp.uint8))
+    operands = dict(q=_pad_last(q, d), k=_pad_last(k, d), v=_pad_last(v, dv), **sequences.arrays())
     with jax.named_scope("fa3_fwd"):
-      r = FWD(result_types, dict(q=_pad_last(q, d), k=_pad_last(k, d), v=_pad_last(v, dv)), **_attributes(cfg, sq, sk))
-    out, lse = r["out"], r["lse"]
-    return out[..., :head_dim_v], lse
+      r = FWD(result_types, operands, **_attributes(cfg, max_q, max_k))
+    return r["out"][..., :head_dim_v], r["lse"]
 
-  return tuple(fold_vmap(call, fwd_fold_into_heads)(q, k, v))
+  return tuple(fold_vmap(call, fold_fwd, fwd_fold_into_heads)(q, k, v, sequences))
 
 
-def bwd_kernel(dout, q, k, v, out, lse, dlse=None, *, cfg: AttentionConfig):
+def bwd_kernel(dout, q, k, v, out, lse, dlse=None, *, cfg: AttentionConfig,
+               sequences: SequenceLayout = SequenceLayout()):
   """The CUDA backward as an ffi_call (lowers for the cuda platform only). Returns (dq, dk, dv).
 
-  dlse, the cotangent of lse (b, h, s_q) float32, is optional: the kernel folds it into D = rowsum(dout * out).
+  dlse, the cotangent of lse (lse's shape, float32), is optional: the kernel folds it into D = rowsum(dout * out).
   """
   head_dim, head_dim_v = q.shape[-1], v.shape[-1]
   dims = kernel_head_dims("bwd", q.dtype, head_dim, head_dim_v) or (head_dim, head_dim_v)
 
-  def call(dout, q, k, v, out, lse, *dlse):
-    b, sq, h, _ = q.shape
-    sk, hk = k.shape[1], k.shape[2]
+  def call(dout, q, k, v, out, lse, dlse, sequences):
+    batch, max_q, max_k = _problem_sizes(q, k, sequences)
     d, dv = dims
-    n = _extension.workspace_bytes("bwd", b, sq, sk, h, hk, d, dv, cfg.deterministic)
-    result_types = (_result_type(q, (b, sq, h, d), q.dtype), _result_type(k, (b, sk, hk, d), k.dtype),
-                    _result_type(v, (b, sk, hk, dv), v.dtype), _result_type(q, (n,), jnp.uint8))
+    total_q = q.shape[0] if sequences.packed_q else 0
+    n = _extension.workspace_bytes("bwd", batch, max_q, max_k, q.shape[-2], k.shape[-2], d, dv, cfg.deterministic,
+                                   total_q)
+    result_types = (_result_type(q, (*q.shape[:-1], d), q.dtype), _result_type(k, (*k.shape[:-1], d), k.dtype),
+                    _result_type(v, (*v.shape[:-1], dv), v.dtype), _result_type(q, (n,), jnp.uint8))
     operands = dict(dout=_pad_last(dout, dv), q=_pad_last(q, d), k=_pad_last(k, d), v=_pad_last(v, dv),
-                    out=_pad_last(out, dv), lse=lse, dlse=dlse[0] if dlse else None)
+                    out=_pad_last(out, dv), lse=lse, dlse=dlse, **sequences.arrays())
     with jax.named_scope("fa3_bwd"):
-      r = BWD(result_types, operands, deterministic=bool(cfg.deterministic), **_attributes(cfg, sq, sk))
+      r = BWD(result_types, operands, deterministic=bool(cfg.deterministic), **_attributes(cfg, max_q, max_k))
     return r["dq"][..., :head_dim], r["dk"][..., :head_dim], r["dv"][..., :head_dim_v]
 
-  return tuple(fold_vmap(call)(dout, q, k, v, out, lse, *(() if dlse is None else (dlse,))))
+  return tuple(fold_vmap(call, fold_bwd)(dout, q, k, v, out, lse, dlse, sequences))
 
 
 # ---- the two directions, dispatched --------------------------------------------------------------------------
 
-def attention_fwd(q, k, v, cfg: AttentionConfig):
-  """(out, lse): the CUDA kernel on a GPU where one was built for these inputs, else the reference."""
-  return _dispatch("fwd", functools.partial(fwd_kernel, cfg=cfg),
-                   functools.partial(reference.attention_forward, cfg=cfg),
-                   q.dtype, q.shape[-1], v.shape[-1], q, k, v)
+def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
+  """(out, lse): the CUDA kernel on a GPU where one was built for these inputs, else the reference. q, k, v are
+  BSHD, or packed where `sequences` says so (fwd_kernel gives the shapes)."""
+  return _dispatch("fwd", lambda q, k, v, s: fwd_kernel(q, k, v, cfg, s),
+                   lambda q, k, v, s: reference.varlen_forward(q, k, v, cfg, s),
+                   q.dtype, q.shape[-1], v.shape[-1], q, k, v, sequences)
 
 
-def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None):
+def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None,
+                  sequences: SequenceLayout = SequenceLayout()):
   """(dq, dk, dv): the CUDA kernel on a GPU where one was built for these inputs, else the reference. dlse (lse's
-  cotangent, (b, h, s_q) float32) is optional."""
-  def reference_bwd(dout, q, k, v, out, lse, dlse=None):
-    return reference.attention_backward(q, k, v, out, lse, dout, cfg, dlse=dlse)
+  cotangent, lse's shape, float32) is optional."""
+  def kernel_bwd(dout, q, k, v, out, lse, dlse, sequences):
+    return bwd_kernel(dout, q, k, v, out, lse, dlse, cfg=cfg, sequences=sequences)
 
-  args = (dout, q, k, v, out, lse) + (() if dlse is None else (dlse,))
-  return _dispatch("bwd", functools.partial(bwd_kernel, cfg=cfg), reference_bwd, q.dtype, q.shape[-1], v.shape[-1],
-                   *args)
+  def reference_bwd(dout, q, k, v, out, lse, dlse, sequences):
+    return reference.varlen_backward(q, k, v, out, lse, dout, cfg, sequences, dlse=dlse)
+
+  return _dispatch("bwd", kernel_bwd, reference_bwd, q.dtype, q.shape[-1], v.shape[-1], dout, q, k, v, out, lse,
+                   dlse, sequences)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
 
 MAX_HEAD_DIM = 256
 # The one (head_dim, head_dim_v) pair with head_dim_v != head_dim (DeepSeek-style MLA prefill shapes).
@@ -18,6 +19,8 @@ ASYMMETRIC_HEAD_DIMS = ((192, 128),)
 # The CUDA kernels' mask arithmetic is int32 and adds up to three bounded terms (row + seqlen_k - seqlen_q - window):
 # with each below 2**29 no sum reaches 2**31.
 MAX_SEQLEN = 2**29
+# Rows of a packed (variable-length) tensor: cu_seqlens are int32.
+MAX_TOTAL = 2**31 - 1
 HALF_DTYPES = ("float16", "bfloat16")
 
 # Python floats: comparing a Python float with a NumPy float32 would cast (and overflow) the Python float.
@@ -166,24 +169,21 @@ def check_head_dims(d: int, dv: int) -> None:
   check_head_dim_v(d, dv)
 
 
-def check_qkv(q, k, v) -> None:
-  """Shapes (batch, seqlen, heads, head_dim), dtypes, GQA divisibility, head dims and sequence lengths of q, k, v."""
-  check_array("q", q, 4, "(batch, seqlen_q, heads, head_dim)")
-  check_array("k", k, 4, "(batch, seqlen_k, kv_heads, head_dim)")
-  check_array("v", v, 4, "(batch, seqlen_k, kv_heads, head_dim_v)")
-
+def _check_one_half_dtype(q, k, v) -> None:
   check_half_dtype("q", q)
   if not (q.dtype == k.dtype == v.dtype):
     raise TypeError(f"q, k and v must share a dtype, got q={_dtype_name(q)}, k={_dtype_name(k)}, "
                     f"v={_dtype_name(v)}")
 
-  b, sq, h, d = q.shape
-  bk, sk, hk, dk = k.shape
-  bv, sv, hv, dv = v.shape
-  if bk != b or bv != b:
-    raise ValueError(f"q, k and v must have the same batch size, got q={b}, k={bk}, v={bv}")
+
+def _check_heads_and_head_dims(q, k, v, rows_k: str) -> None:
+  """What every layout shares (the last three dims are rows, heads, head dim): k and v with the same rows (named
+  `rows_k`) and kv_heads, GQA divisibility, head dims."""
+  *_, sk, hk, dk = k.shape
+  *_, sv, hv, dv = v.shape
+  h, d = q.shape[-2:]
   if sv != sk:
-    raise ValueError(f"k and v must have the same seqlen_k, got k={sk}, v={sv}")
+    raise ValueError(f"k and v must have the same {rows_k}, got k={sk}, v={sv}")
   if hv != hk:
     raise ValueError(f"k and v must have the same number of kv_heads, got k={hk}, v={hv}")
   # heads = kv_heads = 0 is an empty problem, like batch 0; kv_heads = 0 with query heads is not.
@@ -193,8 +193,33 @@ def check_qkv(q, k, v) -> None:
   if dk != d:
     raise ValueError(f"k must have the head_dim of q, got q head_dim={d}, k head_dim={dk}")
   check_head_dims(d, dv)
-  check_seqlen("seqlen_q", sq)
-  check_seqlen("seqlen_k", sk)
+
+
+def check_qkv(q, k, v) -> None:
+  """Shapes (batch, seqlen, heads, head_dim), dtypes, GQA divisibility, head dims and sequence lengths of q, k, v."""
+  check_array("q", q, 4, "(batch, seqlen_q, heads, head_dim)")
+  check_array("k", k, 4, "(batch, seqlen_k, kv_heads, head_dim)")
+  check_array("v", v, 4, "(batch, seqlen_k, kv_heads, head_dim_v)")
+  _check_one_half_dtype(q, k, v)
+  b, bk, bv = q.shape[0], k.shape[0], v.shape[0]
+  if bk != b or bv != b:
+    raise ValueError(f"q, k and v must have the same batch size, got q={b}, k={bk}, v={bv}")
+  _check_heads_and_head_dims(q, k, v, "seqlen_k")
+  check_seqlen("seqlen_q", q.shape[1])
+  check_seqlen("seqlen_k", k.shape[1])
+
+
+def check_varlen_qkv(q, k, v) -> None:
+  """Shapes (total, heads, head_dim) (sequences packed back to back), dtypes, GQA divisibility and head dims of
+  flash_attn_varlen_func's q, k, v."""
+  check_array("q", q, 3, "(total_q, heads, head_dim)")
+  check_array("k", k, 3, "(total_k, kv_heads, head_dim)")
+  check_array("v", v, 3, "(total_k, kv_heads, head_dim_v)")
+  _check_one_half_dtype(q, k, v)
+  _check_heads_and_head_dims(q, k, v, "total_k")
+  for name, rows in (("total_q (rows of q)", q.shape[0]), ("total_k (rows of k and v)", k.shape[0])):
+    if rows > MAX_TOTAL:
+      raise ValueError(f"{name} must be at most 2**31 - 1 = {MAX_TOTAL} (cu_seqlens are int32), got {rows}")
 
 
 def check_qkvpacked(qkv) -> None:
@@ -217,6 +242,82 @@ def check_seq_lengths(name: str, lengths, batch: int):
     raise ValueError(f"{name} must be an int32 array of shape (batch,) = ({batch},), got {lengths.dtype} "
                      f"{tuple(lengths.shape)}")
   return lengths
+
+
+def _int_vector(name: str, x, length: int | None, layout: str):
+  """x as a 1-dim integer array of `length` elements (None: at least one), concrete values within int32; traced
+  values stay traced. Nested lists are converted."""
+  x = as_array(name, x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must be an int32 array, got {_dtype_name(x)}")
+  if x.ndim != 1 or (x.shape[0] < 1 if length is None else x.shape[0] != length):
+    raise ValueError(f"{name} must have shape {layout}, got shape {tuple(x.shape)}")
+  known = _known(x)
+  int32 = np.iinfo(np.int32)
+  if known is not None and known.size and (known.min() < int32.min or known.max() > int32.max):
+    raise ValueError(f"{name} must hold int32 values, got values in [{known.min()}, {known.max()}]")
+  return x
+
+
+def _known(x) -> np.ndarray | None:
+  """x's values where they are known at trace time (NumPy or non-traced arrays), else None."""
+  return None if x is None or isinstance(x, jax.core.Tracer) else np.asarray(x).astype(np.int64)
+
+
+def _first(bad: np.ndarray) -> int:
+  return int(np.argmax(bad))
+
+
+def _check_known_sequences(side: str, cu, used, max_seqlen: int, total: int) -> None:
+  """The documented preconditions of one side, where cu_seqlens / seqused are known at trace time (traced values
+  cannot be checked; the kernels clamp them instead)."""
+  cu_name, used_name = f"cu_seqlens_{side}", f"seqused_{side}"
+  c, u = _known(cu), _known(used)
+  if c is not None:
+    if c[0] != 0:
+      raise ValueError(f"{cu_name} must start at 0, got {cu_name}[0] = {c[0]}")
+    allotments = np.diff(c)
+    if (allotments < 0).any():
+      i = _first(allotments < 0)
+      raise ValueError(f"{cu_name} must be nondecreasing, got {cu_name}[{i}] = {c[i]} > {cu_name}[{i + 1}] = "
+                       f"{c[i + 1]}")
+    if c[-1] > total:
+      raise ValueError(f"{cu_name}[-1] must be at most total_{side} = {total}, the rows of "
+                       f"{'q' if side == 'q' else 'k and v'}, got {c[-1]}")
+  if u is not None:
+    if (u < 0).any():
+      i = _first(u < 0)
+      raise ValueError(f"{used_name} must be >= 0, got {used_name}[{i}] = {u[i]}")
+    if c is not None and (u > allotments).any():
+      i = _first(u > allotments)
+      raise ValueError(f"{used_name}[{i}] = {u[i]} exceeds sequence {i}'s allotment {cu_name}[{i + 1}] - "
+                       f"{cu_name}[{i}] = {allotments[i]}")
+  # A sequence's length is its seqused if given, else its allotment.
+  lengths, source = (u, used_name) if used is not None else (None if c is None else allotments, "the allotment")
+  if lengths is not None and (lengths > max_seqlen).any():
+    i = _first(lengths > max_seqlen)
+    raise ValueError(f"max_seqlen_{side} = {max_seqlen} must bound every sequence's length, got sequence {i} with "
+                     f"{lengths[i]} rows ({source})")
+
+
+def sequence_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, total_q: int,
+                    total_k: int) -> SequenceLayout:
+  """The checked SequenceLayout of a variable-length call (both sides packed, total_q / total_k rows): cu_seqlens
+  (batch + 1,) and seqused (batch,) integer arrays, converted to int32, and static max_seqlen ints in
+  [1, MAX_SEQLEN]. Values known at trace time must be well-formed (start at 0, nondecreasing, within the rows,
+  seqused within each allotment, lengths within max_seqlen)."""
+  cu_q = _int_vector("cu_seqlens_q", cu_seqlens_q, None, "(batch + 1,)")
+  batch = cu_q.shape[0] - 1
+  cu_k = _int_vector("cu_seqlens_k", cu_seqlens_k, batch + 1,
+                     f"(batch + 1,) = ({batch + 1},) like cu_seqlens_q (both sides have the same batch)")
+  used = [None if x is None else _int_vector(name, x, batch, f"(batch,) = ({batch},), the batch of cu_seqlens_q")
+          for name, x in (("seqused_q", seqused_q), ("seqused_k", seqused_k))]
+  bounds = [check_int(name, x, 1) for name, x in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k))]
+  for side, cu, u, bound, total in zip("qk", (cu_q, cu_k), used, bounds, (total_q, total_k)):
+    check_seqlen(f"max_seqlen_{side}", bound)
+    _check_known_sequences(side, cu, u, bound, total)
+  cu_q, cu_k, used_q, used_k = (None if x is None else jnp.asarray(x, jnp.int32) for x in (cu_q, cu_k, *used))
+  return SequenceLayout(cu_q, cu_k, used_q, used_k, max_seqlen_q=bounds[0], max_seqlen_k=bounds[1])
 
 
 def check_broadcastable(name: str, x, shape: tuple):

@@ -1,4 +1,5 @@
-"""flash_attn_func and flash_attn_qkvpacked_func: validation -> custom_vjp -> kernel or reference."""
+"""flash_attn_func, flash_attn_qkvpacked_func and flash_attn_varlen_func: validation -> custom_vjp -> kernel or
+reference."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fa3_jax import _validate
 from fa3_jax import _vma
 from fa3_jax import sharding
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
 
 # Names of the saved residuals, for remat policies, e.g.
 # jax.checkpoint(f, policy=jax.checkpoint_policies.save_only_these_names("fa3_out", "fa3_lse")).
@@ -21,37 +23,42 @@ RESIDUAL_NAMES = ("fa3_q", "fa3_k", "fa3_v", "fa3_out", "fa3_lse")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: AttentionConfig, q, k, v):
-  return sharding.attention_fwd(q, k, v, cfg)
+def _attention(cfg: AttentionConfig, q, k, v, sequences: SequenceLayout = SequenceLayout()):
+  return sharding.attention_fwd(q, k, v, cfg, sequences)
 
 
-def _attention_fwd(cfg, q, k, v):
-  q, k, v = q.value, k.value, v.value  # symbolic_zeros=True wraps primals
+def _attention_fwd(cfg, q, k, v, sequences):
+  q, k, v, sequences = jax.tree.map(lambda x: x.value, (q, k, v, sequences))  # symbolic_zeros=True wraps primals
   # Differentiating a gradient differentiates both this forward and the backward below: both refuse clearly.
-  out, lse = _validate.first_order_only(lambda q, k, v: sharding.attention_fwd(q, k, v, cfg))(q, k, v)
+  fwd = lambda q, k, v, sequences: sharding.attention_fwd(q, k, v, cfg, sequences)
+  out, lse = _validate.first_order_only(fwd)(q, k, v, sequences)
   residuals = tuple(checkpoint_name(x, name) for x, name in zip((q, k, v, out, lse), RESIDUAL_NAMES))
-  return (out, lse), residuals
+  return (out, lse), (*residuals, sequences)
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-  q, k, v, out, lse = residuals
+  q, k, v, out, lse, sequences = residuals
   dout, dlse = cotangents
   dout = jnp.zeros_like(out) if isinstance(dout, SymbolicZero) else dout.astype(out.dtype)
   # A cotangent on lse (lse returned and used) shifts D = rowsum(dout * out); the backward takes it as an optional
   # operand (docs/kernels.md §3.2).
   dlse = None if isinstance(dlse, SymbolicZero) else dlse
-  bwd = lambda dout, q, k, v, out, lse, dlse: sharding.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse)
-  return _validate.first_order_only(bwd)(dout, q, k, v, out, lse, dlse)
+
+  def bwd(dout, q, k, v, out, lse, dlse, sequences):
+    return sharding.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse, sequences=sequences)
+
+  # The sequence layout (integer arrays) has no cotangent.
+  return (*_validate.first_order_only(bwd)(dout, q, k, v, out, lse, dlse, sequences), None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
-def _empty_result(q, v, return_lse):
-  """Output for calls with nothing to compute (batch, seqlen_q, heads or seqlen_k == 0): zeros and lse = -inf."""
-  b, sq, h, _ = q.shape
-  out = jnp.zeros((b, sq, h, v.shape[-1]), q.dtype)
-  lse = jnp.full((b, h, sq), -jnp.inf, jnp.float32)
+def _empty_result(q, v, return_lse, sequences: SequenceLayout = SequenceLayout()):
+  """Output for calls with nothing to compute (no sequences, query rows, heads or keys): zeros and lse = -inf, in
+  q's layout (BSHD, or packed under `sequences`)."""
+  out = jnp.zeros((*q.shape[:-1], v.shape[-1]), q.dtype)
+  lse = jnp.full(_ops.lse_shape(q, sequences), -jnp.inf, jnp.float32)
   out, lse = (_vma.vary_over(x, _vma.varying_axes(q)) for x in (out, lse))
   return (out, lse) if return_lse else out
 
@@ -111,6 +118,60 @@ def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, window_size
   return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softmax_scale=softmax_scale, causal=causal,
                          window_size=window_size, softcap=softcap, deterministic=deterministic,
                          return_lse=return_lse)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+                           seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                           deterministic=False, return_lse=False):
+  """Exact attention over variable-length sequences packed back to back, FlashAttention-3 interface,
+  differentiable in q, k, v. One compiled function serves every packing of the same shapes.
+
+  Args:
+    q: (total_q, heads, head_dim) float16 | bfloat16: the query rows of every sequence, back to back.
+    k: (total_k, kv_heads, head_dim), same dtype; heads % kv_heads == 0 (GQA/MQA as flash_attn_func).
+    v: (total_k, kv_heads, head_dim_v), same dtype; head dims as flash_attn_func.
+    cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 (or another integer dtype, converted) arrays, traced or not:
+      sequence b's rows are allotted [cu_seqlens[b], cu_seqlens[b + 1]). Well-formed values start at 0, never
+      decrease and end at most at total_q / total_k (rows after cu_seqlens[-1] belong to no sequence).
+    max_seqlen_q, max_seqlen_k: static ints in [1, MAX_SEQLEN = 2**29], upper bounds of the sequences' lengths.
+    seqused_q, seqused_k: optional (batch,) int32 arrays: sequence b uses only the first seqused[b] rows of its
+      allotment (the rest belong to no sequence).
+    softmax_scale, softcap, deterministic, return_lse: as flash_attn_func.
+    causal, window_size: as flash_attn_func, applied to each sequence on its own lengths (bottom-right aligned:
+      query i of a sequence of len_q queries and len_k keys sees key j iff
+      i + len_k - len_q - left <= j <= i + len_k - len_q + right).
+
+  Sequence b owns the query rows [cu_seqlens_q[b], cu_seqlens_q[b] + len_q(b)) and the key rows
+  [cu_seqlens_k[b], cu_seqlens_k[b] + len_k(b)), where len_q(b) = seqused_q[b] if given, else
+  cu_seqlens_q[b + 1] - cu_seqlens_q[b], clamped to [0, max_seqlen_q] and to the rows that exist (the offset
+  clamped to [0, total_q], len_q(b) <= total_q - offset); likewise for k. Its queries attend only its keys.
+
+  Returns:
+    out (total_q, heads, head_dim_v) in the input dtype; with return_lse=True, (out, lse) with lse (heads, total_q)
+    float32, the natural-log logsumexp of the scaled, softcapped, masked scores. Rows that belong to no sequence
+    (gaps, rows past cu_seqlens_q[-1] or beyond seqused_q) and rows that see no key give out = 0 and lse = -inf;
+    their dq, and dk / dv of key rows outside every sequence, are 0.
+
+  Values of cu_seqlens and seqused known at trace time (NumPy arrays, non-traced jax arrays) are checked to be
+  well-formed (ValueError naming the argument; also seqused within each allotment and every length within
+  max_seqlen); traced ones cannot be, and malformed values give unspecified results, never out-of-bounds accesses.
+  Raises TypeError / ValueError at trace time for bad arguments, naming them, and NotImplementedError for
+  unsupported head dim pairs and for second-order derivatives. Works under jit, vmap (of any arguments, cu_seqlens
+  included: the copies run as one longer packing), remat, shard_map and automatic sharding over heads.
+  """
+  _validate.check_varlen_qkv(q, k, v)
+  sequences = _validate.sequence_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
+                                        seqused_k, q.shape[0], k.shape[0])
+  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
+  return_lse = _validate.check_bool("return_lse", return_lse)
+  if 0 in (*q.shape[:2], k.shape[0], sequences.cu_seqlens_q.shape[0] - 1):
+    return _empty_result(q, v, return_lse, sequences)
+  # Inside shard_map(check_vma=True) the custom_vjp's cotangents must have their primals' types; the sequence
+  # arrays vary like q too, so that everything computed from them does.
+  leaves, tree = jax.tree.flatten(sequences)
+  q, k, v, *leaves = _vma.match_varying_axes(q, k, v, *leaves)
+  out, lse = _attention(cfg, q, k, v, jax.tree.unflatten(tree, leaves))
+  return (out, lse) if return_lse else out
 
 
 def kernel_available(dtype, head_dim: int, head_dim_v: int | None = None, direction: str = "fwd") -> bool:

@@ -37,6 +37,8 @@ from fa3_jax import _ops
 from fa3_jax import _validate
 from fa3_jax import _vma
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import diagonal
+from fa3_jax._config import key_bounds
 
 LAYOUTS = ("contiguous", "zigzag")
 STRATEGIES = ("ring", "allgather")
@@ -87,22 +89,27 @@ def _pair_config(cfg: AttentionConfig, q_start: int, q_len: int, k_start: int, k
                  seqlen_k: int):
   """The static config of q rows [q_start, +q_len) against keys [k_start, +k_len) of the global problem, in the
   pair's own bottom-right alignment; "skip" if no pair is visible."""
-  off = seqlen_k - seqlen_q
-  left, right = cfg.window_left, cfg.window_right
   lo_row, hi_row = q_start, q_start + q_len - 1
   lo_col, hi_col = k_start, k_start + k_len - 1
-  # Row i sees columns [i + off - left, i + off + right]; is any row's interval inside [lo_col, hi_col]?
-  first = lo_row if right is None else max(lo_row, lo_col - off - right)
-  last = hi_row if left is None else min(hi_row, hi_col - off + left)
-  if first > last or (left is not None and right is not None and left + right < 0):
+  # The keys of the pair's first and last rows; both bounds move one key per row.
+  lo_first, lo_last = key_bounds(lo_row, seqlen_q, seqlen_k, cfg)
+  hi_first, _ = key_bounds(hi_row, seqlen_q, seqlen_k, cfg)
+  if lo_first > lo_last:  # an empty window: no row sees any key
     return "skip"
-  fully_left = left is None or hi_row + off - left <= lo_col
-  fully_right = right is None or lo_row + off + right >= hi_col
+  # The rows whose keys reach into [lo_col, hi_col]: from where the last key reaches lo_col, up to where the first
+  # key is still at most hi_col.
+  first = max(lo_row, lo_row + lo_col - lo_last)
+  last = min(hi_row, hi_row + hi_col - hi_first)
+  if first > last:
+    return "skip"
+  fully_left = hi_first <= lo_col
+  fully_right = lo_last >= hi_col
   if fully_left and fully_right:
     return dataclasses.replace(cfg, window_left=None, window_right=None)
-  shift = q_start - k_start + off - (k_len - q_len)  # global diagonal minus the pair's own diagonal
-  return dataclasses.replace(cfg, window_left=None if fully_left else left - shift,
-                             window_right=None if fully_right else right + shift)
+  # The global diagonal minus the pair's own (its chunks as one sequence of q_len queries and k_len keys).
+  shift = diagonal(q_start, seqlen_q, seqlen_k) - (k_start + diagonal(0, q_len, k_len))
+  return dataclasses.replace(cfg, window_left=None if fully_left else cfg.window_left - shift,
+                             window_right=None if fully_right else cfg.window_right + shift)
 
 
 def _switch_table(cfg, q_starts, q_len, k_starts, k_len, seqlen_q, seqlen_k):

@@ -30,6 +30,7 @@ import numpy as np
 from fa3_jax import _validate
 from fa3_jax import _vma
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import visible
 from fa3_jax.attention import _attention
 from fa3_jax.attention import _empty_result
 
@@ -203,13 +204,12 @@ def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: fl
   # Bounds that exclude nothing become unbounded, so that windows of any size stay within int32 arithmetic.
   masking = dataclasses.replace(masking, left=None if masking.left is None or masking.left >= t - 1 else masking.left,
                                 right=None if masking.right is None or masking.right >= s - 1 else masking.right)
+  # Top-left windows in bottom-right terms (docs/integration.md §7).
+  cfg = AttentionConfig(softmax_scale=scale, window_left=None if masking.left is None else masking.left + s - t,
+                        window_right=None if masking.right is None else masking.right + t - s, softcap=softcap)
   if masking.kernel_expressible and _has_flash_path(q, k, v):
-    cfg = AttentionConfig(softmax_scale=scale,
-                          window_left=None if masking.left is None else masking.left + s - t,
-                          window_right=None if masking.right is None else masking.right + t - s,
-                          softcap=softcap)
     return _attention(cfg, *_vma.match_varying_axes(q, k, v))
-  return _dense_attention(q, k, v, masking, scale, softcap)
+  return _dense_attention(q, k, v, masking, cfg)
 
 
 def _has_flash_path(q, k, v) -> bool:
@@ -222,15 +222,16 @@ def _has_flash_path(q, k, v) -> bool:
   return True
 
 
-def _dense_attention(q, k, v, masking: Masking, scale: float, softcap: float):
-  """Dense float32 attention with arbitrary masking: the path for padding, bias and general masks."""
+def _dense_attention(q, k, v, masking: Masking, cfg: AttentionConfig):
+  """Dense float32 attention with arbitrary masking: the path for padding, bias and general masks. cfg holds the
+  scale, softcap and masking's window (bottom-right, as the kernels take it)."""
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   g = n // kh
   qg = q.astype(jnp.float32).reshape(b, t, kh, g, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32)) * scale
-  if softcap > 0:
-    logits = softcap * jnp.tanh(logits / softcap)
+  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32)) * cfg.softmax_scale
+  if cfg.softcap > 0:
+    logits = cfg.softcap * jnp.tanh(logits / cfg.softcap)
 
   def grouped(x):  # (B|1, N|1, T, S) -> (B|1, K|1, G|1, T, S)
     x = _ensure_4d(x)
@@ -238,25 +239,18 @@ def _dense_attention(q, k, v, masking: Masking, scale: float, softcap: float):
 
   if masking.bias is not None:
     logits = logits + grouped(masking.bias).astype(jnp.float32)
-  i = jnp.arange(t)[:, None]
-  j = jnp.arange(s)[None, :]
-  visible = jnp.ones((t, s), bool)
-  if masking.left is not None:
-    visible &= j >= i - masking.left
-  if masking.right is not None:
-    visible &= j <= i + masking.right
-  visible = visible[None, None, None]
+  attend = visible(jnp.arange(t)[:, None], jnp.arange(s)[None, :], t, s, cfg)[None, None, None]
   if masking.q_valid is not None:
-    visible = visible & jnp.asarray(masking.q_valid, bool)[:, None, None, :, None]
+    attend = attend & jnp.asarray(masking.q_valid, bool)[:, None, None, :, None]
   if masking.kv_valid is not None:
-    visible = visible & jnp.asarray(masking.kv_valid, bool)[:, None, None, None, :]
+    attend = attend & jnp.asarray(masking.kv_valid, bool)[:, None, None, None, :]
   if masking.dense_mask is not None:
-    visible = visible & grouped(jnp.asarray(masking.dense_mask, bool))
-  visible = jnp.broadcast_to(visible, logits.shape)
-  masked = jnp.where(visible, logits, -jnp.inf)
+    attend = attend & grouped(jnp.asarray(masking.dense_mask, bool))
+  attend = jnp.broadcast_to(attend, logits.shape)
+  masked = jnp.where(attend, logits, -jnp.inf)
   m = jnp.max(masked, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(visible, jnp.exp(jnp.where(visible, logits, 0.0) - m), 0.0)
+  p = jnp.where(attend, jnp.exp(jnp.where(attend, logits, 0.0) - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
   has_keys = l > 0
   safe_l = jnp.where(has_keys, l, 1.0)

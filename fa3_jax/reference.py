@@ -5,16 +5,23 @@ seqlen (one (seqlen_q, block) score tile at a time), never with seqlen_q * seqle
 this path is the yardstick the kernels are measured against, so it favours accuracy over speed.
 
 Layouts (BSHD): q (batch, seqlen_q, heads, head_dim), k (batch, seqlen_k, kv_heads, head_dim),
-v (batch, seqlen_k, kv_heads, head_dim_v); query head i reads kv head i // (heads // kv_heads).
+v (batch, seqlen_k, kv_heads, head_dim_v); query head i reads kv head i // (heads // kv_heads). Optional per-batch
+lengths (seqlen_q / seqlen_k, (batch,) int32) shorten each batch entry's sequences. Variable-length calls
+(`varlen_forward` / `varlen_backward`, any SequenceLayout) gather each packed side into that padded form
+(batch, max_seqlen, ...), run the same blockwise attention with the per-batch lengths and scatter back.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from fa3_jax import _vma
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
+from fa3_jax._config import visible
 
 DEFAULT_BLOCK_K = 256
 
@@ -54,22 +61,31 @@ def _scores(qg, kb, cfg: AttentionConfig):
   return s, None
 
 
-def _visible(start, block: int, seqlen_q: int, seqlen_k: int, cfg: AttentionConfig):
-  """(s_q, block) bool: which (query, key) pairs of the key block starting at `start` may attend (bottom-right)."""
-  left, right = cfg.resolved_window(seqlen_q, seqlen_k)
-  row = jnp.arange(seqlen_q)[:, None]
-  col = start + jnp.arange(block)[None, :]
-  diagonal = row + seqlen_k - seqlen_q
-  return (col < seqlen_k) & (col >= diagonal - left) & (col <= diagonal + right)
+def _lengths(lengths, seqlen: int):
+  """Per-batch lengths (b,) as (b, 1, 1, 1, 1), clipped to [0, seqlen], against (b, hk, g, s_q, block) scores; the
+  tensor's seqlen when there are none."""
+  return seqlen if lengths is None else jnp.clip(lengths, 0, seqlen)[:, None, None, None, None]
+
+
+def _visible(start, block: int, seqlen_q: int, lengths_q, lengths_k, cfg: AttentionConfig):
+  """Which (query, key) pairs of the key block starting at `start` may attend: (s_q, block) bool, or
+  (b, 1, 1, s_q, block) with per-batch lengths (from _lengths)."""
+  return visible(jnp.arange(seqlen_q)[:, None], start + jnp.arange(block)[None, :], lengths_q, lengths_k, cfg)
 
 
 def _block_size(seqlen_k: int, block_k: int) -> int:
   return min(block_k, seqlen_k)
 
 
-def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOCK_K):
-  """Returns (out (b, s_q, h, d_v) in q.dtype, lse (b, h, s_q) float32 natural log; -inf where no key is visible)."""
-  seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]
+def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOCK_K, seqlen_q=None, seqlen_k=None):
+  """Returns (out (b, s_q, h, d_v) in q.dtype, lse (b, h, s_q) float32 natural log; -inf where no key is visible).
+
+  seqlen_q / seqlen_k: optional (b,) int32 lengths of each batch entry's sequences (clipped to [0, s_q] / [0, s_k]):
+  query rows at or past seqlen_q[b] give out = 0 and lse = -inf, keys at or past seqlen_k[b] are invisible, and
+  windows align bottom-right on the two lengths.
+  """
+  lengths_q, lengths_k = _lengths(seqlen_q, q.shape[1]), _lengths(seqlen_k, k.shape[1])
+  seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]  # from here on the tensors' seqlens
   block = _block_size(seqlen_k, block_k)
   qg = _grouped_queries(q, kv_heads)
   b, hk, g = qg.shape[:3]
@@ -78,7 +94,7 @@ def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOC
     m, l, acc = carry
     kb, vb, start = xs
     s, _ = _scores(qg, kb, cfg)
-    s = jnp.where(_visible(start, block, seqlen_q, seqlen_k, cfg), s, -jnp.inf)
+    s = jnp.where(_visible(start, block, seqlen_q, lengths_q, lengths_k, cfg), s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=-1))
     # A row that has seen no visible key keeps max -inf; exponentiate against 0 there so that -inf - -inf
     # never produces NaN (its p and correction are exactly 0).
@@ -102,13 +118,16 @@ def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOC
   return _ungrouped(out).astype(q.dtype), lse.reshape(b, hk * g, seqlen_q)
 
 
-def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None, block_k: int = DEFAULT_BLOCK_K):
+def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None, block_k: int = DEFAULT_BLOCK_K,
+                       seqlen_q=None, seqlen_k=None):
   """Gradients (dq, dk, dv) in the input dtypes, given the forward's out and lse and the cotangent dout.
 
   dlse, the cotangent of lse (b, h, s_q) float32, is optional: since d lse / d s = p, it enters as a shift of
-  D = rowsum(dout * out). For GQA/MQA dk and dv are summed over the query heads of each group.
+  D = rowsum(dout * out). For GQA/MQA dk and dv are summed over the query heads of each group. seqlen_q / seqlen_k
+  as in attention_forward: rows and keys past them get zero gradients.
   """
-  seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]
+  lengths_q, lengths_k = _lengths(seqlen_q, q.shape[1]), _lengths(seqlen_k, k.shape[1])
+  seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]  # from here on the tensors' seqlens
   block = _block_size(seqlen_k, block_k)
   qg = _grouped_queries(q, kv_heads)
   dog = _grouped_queries(dout, kv_heads)
@@ -123,8 +142,7 @@ def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None,
   def step(dq, xs):
     kb, vb, start = xs
     s, t = _scores(qg, kb, cfg)
-    visible = _visible(start, block, seqlen_q, seqlen_k, cfg)
-    p = jnp.where(visible, jnp.exp(s - lse_g[..., None]), 0.0)
+    p = jnp.where(_visible(start, block, seqlen_q, lengths_q, lengths_k, cfg), jnp.exp(s - lse_g[..., None]), 0.0)
     dv_b = jnp.einsum("bhgqk,bhgqd->bkhd", p, dog)
     dp = jnp.einsum("bhgqd,bkhd->bhgqk", dog, vb)
     ds = p * (dp - delta[..., None])
@@ -140,3 +158,73 @@ def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None,
   dq, (dk, dv) = jax.lax.scan(step, dq_init, (_key_blocks(k, block), _key_blocks(v, block), starts))
   return (_ungrouped(dq).astype(q.dtype), _unblocked(dk, seqlen_k).astype(k.dtype),
           _unblocked(dv, seqlen_k).astype(v.dtype))
+
+
+# ---- sequence layouts: packed sides as a padded batch ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Padding:
+  """One side of a SequenceLayout as a padded batch (batch, max_seqlen, ...). index (batch, max_seqlen) int32 holds
+  the packed row of each padded position, or `rows` (one past the last row) where the sequence has ended; it is None
+  for a BSHD side, which is padded already. lengths (batch,) int32, or None where every row takes part."""
+  index: jax.Array | None
+  lengths: jax.Array | None
+  rows: int
+
+  def pad(self, x):
+    """(rows, ...) -> (batch, max_seqlen, ...), zero past each sequence's end."""
+    return x if self.index is None else jnp.take(x, self.index, axis=0, mode="fill", fill_value=0)
+
+  def unpad(self, y, fill):
+    """(batch, max_seqlen, ...) -> (rows, ...): each sequence's rows in place, `fill` in rows of no sequence."""
+    if self.index is None:
+      return y
+    return jnp.full((self.rows, *y.shape[2:]), fill, y.dtype).at[self.index].set(y, mode="drop")
+
+  def unpad_gradient(self, y):
+    """The transpose of pad: (batch, max_seqlen, ...) summed into zeros (rows, ...)."""
+    if self.index is None:
+      return y
+    return jnp.zeros((self.rows, *y.shape[2:]), y.dtype).at[self.index].add(y, mode="drop")
+
+  def pad_lse(self, lse):
+    """lse (heads, rows) of a packed q -> (batch, heads, max_seqlen), like the BSHD lse."""
+    return lse if self.index is None else jnp.swapaxes(self.pad(lse.T), 1, 2)
+
+  def unpad_lse(self, lse):
+    """(batch, heads, max_seqlen) -> (heads, rows), -inf in rows of no sequence."""
+    return lse if self.index is None else self.unpad(jnp.swapaxes(lse, 1, 2), -jnp.inf).T
+
+
+def paddings(sequences: SequenceLayout, q, k) -> tuple[Padding, Padding]:
+  """The Paddings of the q and k sides of q (packed (total_q, h, d) or BSHD) and k under `sequences`."""
+  def side(name, x, packed, bound):
+    rows = x.shape[0] if packed else x.shape[1]
+    offset, length = sequences.extents(name, rows)
+    if offset is None:
+      return Padding(None, length, rows)
+    position = jnp.arange(bound, dtype=jnp.int32)
+    return Padding(jnp.where(position < length[:, None], offset[:, None] + position, rows), length, rows)
+
+  return (side("q", q, sequences.packed_q, sequences.max_seqlen_q),
+          side("k", k, sequences.packed_k, sequences.max_seqlen_k))
+
+
+def varlen_forward(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout, block_k: int = DEFAULT_BLOCK_K):
+  """attention_forward under a SequenceLayout: (out, lse) in q's layout (packed: (total_q, h, d_v) and
+  (h, total_q)); rows of no sequence give 0 and -inf. A uniform layout is attention_forward itself."""
+  pq, pk = paddings(sequences, q, k)
+  out, lse = attention_forward(pq.pad(q), pk.pad(k), pk.pad(v), cfg, block_k, seqlen_q=pq.lengths,
+                               seqlen_k=pk.lengths)
+  return pq.unpad(out, 0), pq.unpad_lse(lse)
+
+
+def varlen_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, sequences: SequenceLayout, dlse=None,
+                    block_k: int = DEFAULT_BLOCK_K):
+  """attention_backward under a SequenceLayout: (dq, dk, dv) in the layouts of q, k, v; rows and keys of no
+  sequence get zero gradients. dlse, if given, has lse's layout."""
+  pq, pk = paddings(sequences, q, k)
+  dq, dk, dv = attention_backward(pq.pad(q), pk.pad(k), pk.pad(v), pq.pad(out), pq.pad_lse(lse), pq.pad(dout), cfg,
+                                  dlse=None if dlse is None else pq.pad_lse(dlse), block_k=block_k,
+                                  seqlen_q=pq.lengths, seqlen_k=pk.lengths)
+  return pq.unpad_gradient(dq), pk.unpad_gradient(dk), pk.unpad_gradient(dv)

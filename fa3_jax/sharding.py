@@ -16,6 +16,9 @@ GQA/MQA under head sharding: K/V heads are sharded with q's heads when kv_heads 
 otherwise K/V stay replicated over those axes and every shard slices (or, for groups split unevenly, expands) the
 kv heads its query heads read, by `axis_index`; their gradients are summed over the head axes (a reduction that
 any layout needs, since several shards then read the same kv head).
+
+Variable-length calls (a SequenceLayout that is not uniform) shard over heads only: their sequences run along the
+token axes, so those, the batch and the cu_seqlens / seqused arrays stay replicated (docs/integration.md §4.8).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from fa3_jax import _ops
 from fa3_jax import context_parallel
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
 
 # Private switch for tests and debugging: False runs the ops unpartitioned (XLA then gathers, docs/integration.md §5.1).
 ENABLED = True
@@ -52,12 +57,15 @@ def _entry(axes: tuple[str, ...]):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """Mesh axes over which batch, sequence, q heads and kv heads are sharded, plus the mesh axis sizes."""
+  """Mesh axes over which batch, sequence, q heads and kv heads are sharded, plus the mesh axis sizes. A packed
+  side ((total, heads, dim), lse (heads, total)) has no batch or sequence axes."""
   batch: tuple[str, ...]
   seq: tuple[str, ...]
   heads: tuple[str, ...]
   kv_heads: tuple[str, ...]
   sizes: tuple[tuple[str, int], ...]
+  packed_q: bool = False
+  packed_k: bool = False
 
   def size(self, axes) -> int:
     sizes = dict(self.sizes)
@@ -65,14 +73,20 @@ class Layout:
 
   @property
   def q_spec(self):
+    if self.packed_q:
+      return P(None, _entry(self.heads), None)
     return P(_entry(self.batch), _entry(self.seq), _entry(self.heads), None)
 
   @property
   def kv_spec(self):
+    if self.packed_k:
+      return P(None, _entry(self.kv_heads), None)
     return P(_entry(self.batch), _entry(self.seq), _entry(self.kv_heads), None)
 
   @property
   def lse_spec(self):
+    if self.packed_q:
+      return P(_entry(self.heads), None)
     return P(_entry(self.batch), _entry(self.heads), _entry(self.seq))
 
   @property
@@ -80,24 +94,25 @@ class Layout:
     return not (self.batch or self.seq or self.heads)
 
 
-def plan(q_spec, mesh_shape, q_shape, k_shape) -> Layout:
+def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout = SequenceLayout()) -> Layout:
   """Layout from q's partition spec: axes that do not divide their dimension are dropped (XLA then gathers that
-  dimension), a sharded head_dim is gathered, and K/V heads follow q's heads when they divide evenly."""
-  spec = tuple(q_spec) + (None,) * (4 - len(tuple(q_spec)))
+  dimension), a sharded head_dim is gathered, and K/V heads follow q's heads when they divide evenly. Under a
+  sequence layout that is not uniform only the heads shard."""
+  spec = tuple(q_spec) + (None,) * (len(q_shape) - len(tuple(q_spec)))
   sizes = {a: int(s) for a, s in dict(mesh_shape).items()}
-  b, sq, h, _ = q_shape
-  sk, hk = k_shape[1], k_shape[2]
+  h, hk = q_shape[-2], k_shape[-2]
 
   def take(entry, *dims):
     axes = tuple(a for a in _entry_axes(entry) if sizes.get(a, 1) > 1)
     n = math.prod(sizes[a] for a in axes)
     return axes if all(d % n == 0 for d in dims) else ()
 
-  batch = take(spec[0], b)
-  seq = take(spec[1], sq, sk)
-  heads = take(spec[2], h)
+  uniform = sequences.uniform
+  batch = take(spec[0], q_shape[0]) if uniform else ()
+  seq = take(spec[1], q_shape[1], k_shape[1]) if uniform else ()
+  heads = take(spec[-2], h)
   kv_heads = heads if hk % math.prod(sizes[a] for a in heads) == 0 else ()
-  return Layout(batch, seq, heads, kv_heads, tuple(sorted(sizes.items())))
+  return Layout(batch, seq, heads, kv_heads, tuple(sorted(sizes.items())), sequences.packed_q, sequences.packed_k)
 
 
 # ---- the local computation (one shard), shared by the shard_map and custom_partitioning layers -------------
@@ -126,18 +141,20 @@ def _kv_start(layout: Layout, sel: _KvSelection):
   return (jax.lax.axis_index(layout.heads) * sel.local_heads) // sel.group
 
 
+# K/V's heads are their second-to-last axis, BSHD or packed.
+
 def _select_kv(x, layout: Layout, sel: _KvSelection):
   if sel.expand > 1:
-    x = jnp.repeat(x, sel.expand, axis=2)
-  return jax.lax.dynamic_slice_in_dim(x, _kv_start(layout, sel), sel.count, axis=2)
+    x = jnp.repeat(x, sel.expand, axis=-2)
+  return jax.lax.dynamic_slice_in_dim(x, _kv_start(layout, sel), sel.count, axis=x.ndim - 2)
 
 
 def _unselect_kv_grad(dx, like, layout: Layout, sel: _KvSelection):
-  b, t, hk, d = like.shape
-  full = jnp.zeros((b, t, hk * sel.expand, d), jnp.float32)
-  full = jax.lax.dynamic_update_slice_in_dim(full, dx.astype(jnp.float32), _kv_start(layout, sel), axis=2)
+  *rows, hk, d = like.shape
+  full = jnp.zeros((*rows, hk * sel.expand, d), jnp.float32)
+  full = jax.lax.dynamic_update_slice_in_dim(full, dx.astype(jnp.float32), _kv_start(layout, sel), axis=len(rows))
   if sel.expand > 1:
-    full = full.reshape(b, t, hk, sel.expand, d).sum(axis=3)
+    full = full.reshape(*rows, hk, sel.expand, d).sum(axis=-2)
   return jax.lax.psum(full, layout.heads).astype(like.dtype)
 
 
@@ -145,25 +162,25 @@ def _seq_axis(layout: Layout):
   return _entry(layout.seq)
 
 
-def local_fwd(q, k, v, cfg: AttentionConfig, layout: Layout):
+def local_fwd(q, k, v, sequences: SequenceLayout, cfg: AttentionConfig, layout: Layout):
   """(out, lse) of one shard."""
-  sel = _kv_selection(layout, q.shape[2] * layout.size(layout.heads), k.shape[2])
+  sel = _kv_selection(layout, q.shape[-2] * layout.size(layout.heads), k.shape[-2])
   if sel is not None:
     k, v = _select_kv(k, layout, sel), _select_kv(v, layout, sel)
   if layout.seq:
     return context_parallel.sequence_parallel_forward(q, k, v, cfg, _seq_axis(layout))
-  return _ops.attention_fwd(q, k, v, cfg)
+  return _ops.attention_fwd(q, k, v, cfg, sequences)
 
 
-def local_bwd(dout, q, k, v, out, lse, dlse, cfg: AttentionConfig, layout: Layout):
+def local_bwd(dout, q, k, v, out, lse, dlse, sequences: SequenceLayout, cfg: AttentionConfig, layout: Layout):
   """(dq, dk, dv) of one shard; dlse (lse's cotangent) may be None."""
-  sel = _kv_selection(layout, q.shape[2] * layout.size(layout.heads), k.shape[2])
+  sel = _kv_selection(layout, q.shape[-2] * layout.size(layout.heads), k.shape[-2])
   ks, vs = (k, v) if sel is None else (_select_kv(k, layout, sel), _select_kv(v, layout, sel))
   if layout.seq:
     dq, dk, dv = context_parallel.sequence_parallel_backward(dout, q, ks, vs, out, lse, cfg, _seq_axis(layout),
                                                              dlse=dlse)
   else:
-    dq, dk, dv = _ops.attention_bwd(dout, q, ks, vs, out, lse, cfg, dlse=dlse)
+    dq, dk, dv = _ops.attention_bwd(dout, q, ks, vs, out, lse, cfg, dlse=dlse, sequences=sequences)
   if sel is not None:
     dk, dv = _unselect_kv_grad(dk, k, layout, sel), _unselect_kv_grad(dv, v, layout, sel)
   return dq, dk, dv
@@ -171,7 +188,7 @@ def local_bwd(dout, q, k, v, out, lse, dlse, cfg: AttentionConfig, layout: Layou
 
 # ---- Explicit mesh axes: shard_map with specs from the types ---------------------------------------------------
 
-def _explicit_layout(q, k):
+def _explicit_layout(q, k, sequences: SequenceLayout):
   """The Layout when q's type carries Explicit-axis sharding, else None."""
   t = jax.typeof(q)
   mesh = t.sharding.mesh
@@ -179,7 +196,7 @@ def _explicit_layout(q, k):
     return None
   explicit = set(mesh.explicit_axes)
   spec = tuple(P(*[tuple(a for a in _entry_axes(e) if a in explicit) or None for e in t.sharding.spec]))
-  layout = plan(spec, mesh.shape, q.shape, k.shape)
+  layout = plan(spec, mesh.shape, q.shape, k.shape, sequences)
   return None if layout.trivial else (mesh, layout)
 
 
@@ -187,23 +204,25 @@ def _reshard(x, spec):
   return x if jax.typeof(x).sharding.spec == spec else jax.sharding.reshard(x, spec)
 
 
-def _explicit_fwd(mesh, layout, q, k, v, cfg):
+def _replicated(sequences: SequenceLayout) -> SequenceLayout:
+  return jax.tree.map(lambda x: _reshard(x, P()), sequences)
+
+
+def _explicit_fwd(mesh, layout, q, k, v, sequences, cfg):
   body = functools.partial(local_fwd, cfg=cfg, layout=layout)
   q, k, v = _reshard(q, layout.q_spec), _reshard(k, layout.kv_spec), _reshard(v, layout.kv_spec)
-  return jax.shard_map(body, mesh=mesh, in_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec),
-                       out_specs=(layout.q_spec, layout.lse_spec))(q, k, v)
+  return jax.shard_map(body, mesh=mesh, in_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec, P()),
+                       out_specs=(layout.q_spec, layout.lse_spec))(q, k, v, _replicated(sequences))
 
 
-def _explicit_bwd(mesh, layout, dout, q, k, v, out, lse, dlse, cfg):
+def _explicit_bwd(mesh, layout, dout, q, k, v, out, lse, dlse, sequences, cfg):
   originals = [jax.typeof(x).sharding.spec for x in (q, k, v)]
-  specs = [layout.q_spec, layout.q_spec, layout.kv_spec, layout.kv_spec, layout.q_spec, layout.lse_spec]
-  args = [_reshard(x, s) for x, s in zip((dout, q, k, v, out, lse), specs)]
-  if dlse is not None:
-    args.append(_reshard(dlse, layout.lse_spec))
-    specs.append(layout.lse_spec)
-  body = lambda *a: local_bwd(*a[:6], a[6] if len(a) > 6 else None, cfg=cfg, layout=layout)
-  grads = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs),
-                        out_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec))(*args)
+  specs = (layout.q_spec, layout.q_spec, layout.kv_spec, layout.kv_spec, layout.q_spec, layout.lse_spec,
+           layout.lse_spec)
+  args = [None if x is None else _reshard(x, s) for x, s in zip((dout, q, k, v, out, lse, dlse), specs)]
+  body = functools.partial(local_bwd, cfg=cfg, layout=layout)
+  grads = jax.shard_map(body, mesh=mesh, in_specs=(*specs, P()),
+                        out_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec))(*args, _replicated(sequences))
   # Cotangents must carry their primals' types (shardings included).
   return tuple(_reshard(g, s) for g, s in zip(grads, originals))
 
@@ -215,9 +234,9 @@ def _named(sharding):
   return sharding.spec if isinstance(sharding, NamedSharding) else None
 
 
-def _layout_from(mesh, arg_shapes):
+def _layout_from(mesh, arg_shapes, sequences: SequenceLayout):
   spec = _named(arg_shapes[0].sharding)
-  return plan(spec if spec is not None else P(), mesh.shape, arg_shapes[0].shape, arg_shapes[1].shape)
+  return plan(spec if spec is not None else P(), mesh.shape, arg_shapes[0].shape, arg_shapes[1].shape, sequences)
 
 
 def _heads_factors(mesh, h: int, hk: int):
@@ -232,56 +251,104 @@ def _heads_factors(mesh, h: int, hk: int):
   return "h", "hk", {}
 
 
-def _fwd_rule(cfg, mesh, operand_types, result_types):
-  hq, hkv, sizes = _heads_factors(mesh, operand_types[0].shape[2], operand_types[1].shape[2])
-  # Special factors must be listed in order of first appearance (docs/integration.md §5.5).
-  return (f"b s {hq} d, b t {hkv} d, b t {hkv} e -> b s {hq} e, b {hq} s",
-          {**sizes, "need_replication_factors": ("d", "e")})
+@dataclasses.dataclass(frozen=True)
+class _Factors:
+  """Shardy rule fragments of one call: q-like tensors ("b s H dim", packed "s H dim"), k-like ones, lse, the
+  sequence-layout operands (cu_seqlens: batch + 1 entries, factor c; seqused: the batch factor b), and the factors
+  that need replication: the head dims, and under a non-uniform sequence layout all but the heads."""
+  hq: str
+  hkv: str
+  packed_q: bool
+  packed_k: bool
+  sequences: tuple[str, ...]
+  replicated: frozenset
+  sizes: dict
+
+  def q(self, dim: str) -> str:
+    return f"{'' if self.packed_q else 'b '}s {self.hq} {dim}"
+
+  def kv(self, dim: str) -> str:
+    return f"{'' if self.packed_k else 'b '}t {self.hkv} {dim}"
+
+  @property
+  def lse(self) -> str:
+    return f"{self.hq} s" if self.packed_q else f"b {self.hq} s"
+
+  def rule(self, operands, results):
+    rule = f"{', '.join(operands)} -> {', '.join(results)}"
+    # Special factors must be listed in order of first appearance (docs/integration.md §5.5).
+    first = dict.fromkeys(re.findall(r"\w+", rule))
+    return rule, {**self.sizes, "need_replication_factors": tuple(f for f in first if f in self.replicated)}
 
 
-def _fwd_partition(cfg, mesh, arg_shapes, result_shape):
-  layout = _layout_from(mesh, arg_shapes)
+def _factors(mesh, q_type, k_type, sequences: SequenceLayout) -> _Factors:
+  hq, hkv, sizes = _heads_factors(mesh, q_type.shape[-2], k_type.shape[-2])
+  operands = tuple("c" if name.startswith("cu_") else "b" for name, x in sequences.arrays().items() if x is not None)
+  return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands,
+                  frozenset("de" if sequences.uniform else "debstc"), sizes)
+
+
+# The partitioned functions take the sequence layout flattened: its treedef (static: which arrays are present, the
+# bounds) and its arrays after the other operands.
+
+def _fwd_rule(cfg, tree, mesh, operand_types, result_types):
+  f = _factors(mesh, operand_types[0], operand_types[1], jax.tree.unflatten(tree, operand_types[3:]))
+  return f.rule([f.q("d"), f.kv("d"), f.kv("e"), *f.sequences], [f.q("e"), f.lse])
+
+
+def _fwd_partition(cfg, tree, mesh, arg_shapes, result_shape):
+  layout = _layout_from(mesh, arg_shapes, jax.tree.unflatten(tree, arg_shapes[3:]))
   s = lambda spec: NamedSharding(mesh, spec)
-  lower = functools.partial(local_fwd, cfg=cfg, layout=layout)
+
+  def lower(q, k, v, *leaves):
+    return local_fwd(q, k, v, jax.tree.unflatten(tree, leaves), cfg, layout)
+
   return (mesh, lower, (s(layout.q_spec), s(layout.lse_spec)),
-          (s(layout.q_spec), s(layout.kv_spec), s(layout.kv_spec)))
+          (s(layout.q_spec), s(layout.kv_spec), s(layout.kv_spec), *[s(P())] * tree.num_leaves))
 
 
-def _partitioned_fwd(cfg, q, k, v):
-  return tuple(local_fwd(q, k, v, cfg, plan(P(), {}, q.shape, k.shape)))
+def _partitioned_fwd(cfg, tree, q, k, v, *leaves):
+  sequences = jax.tree.unflatten(tree, leaves)
+  return tuple(local_fwd(q, k, v, sequences, cfg, plan(P(), {}, q.shape, k.shape, sequences)))
 
 
-_partitioned_fwd = custom_partitioning(_partitioned_fwd, static_argnums=(0,))
+_partitioned_fwd = custom_partitioning(_partitioned_fwd, static_argnums=(0, 1))
 _partitioned_fwd.def_partition(_fwd_partition, sharding_rule=_fwd_rule)
 
 
-def _bwd_rule(cfg, with_dlse, mesh, operand_types, result_types):
-  # operands: dout, q, k, v, out, lse[, dlse]; results: dq, dk, dv
-  hq, hkv, sizes = _heads_factors(mesh, operand_types[1].shape[2], operand_types[2].shape[2])
-  operands = f"b s {hq} e, b s {hq} d, b t {hkv} d, b t {hkv} e, b s {hq} e, b {hq} s"
-  if with_dlse:
-    operands += f", b {hq} s"
-  return (operands + f" -> b s {hq} d, b t {hkv} d, b t {hkv} e",
-          {**sizes, "need_replication_factors": ("e", "d")})
+def _dlse_and_sequences(with_dlse: bool, tree, rest):
+  """(dlse or None, the sequence layout) from the backward's operands after lse."""
+  return (rest[0] if with_dlse else None), jax.tree.unflatten(tree, rest[1:] if with_dlse else rest)
 
 
-def _bwd_partition(cfg, with_dlse, mesh, arg_shapes, result_shape):
-  layout = _layout_from(mesh, arg_shapes[1:])
+def _bwd_rule(cfg, with_dlse, tree, mesh, operand_types, result_types):
+  # operands: dout, q, k, v, out, lse[, dlse], sequence layout; results: dq, dk, dv
+  _, sequences = _dlse_and_sequences(with_dlse, tree, operand_types[6:])
+  f = _factors(mesh, operand_types[1], operand_types[2], sequences)
+  dlse = [f.lse] if with_dlse else []
+  operands = [f.q("e"), f.q("d"), f.kv("d"), f.kv("e"), f.q("e"), f.lse, *dlse, *f.sequences]
+  return f.rule(operands, [f.q("d"), f.kv("d"), f.kv("e")])
+
+
+def _bwd_partition(cfg, with_dlse, tree, mesh, arg_shapes, result_shape):
+  _, sequences = _dlse_and_sequences(with_dlse, tree, arg_shapes[6:])
+  layout = _layout_from(mesh, arg_shapes[1:], sequences)
   s = lambda spec: NamedSharding(mesh, spec)
   q_s, kv_s, lse_s = s(layout.q_spec), s(layout.kv_spec), s(layout.lse_spec)
 
-  def lower(dout, q, k, v, out, lse, *dlse):
-    return local_bwd(dout, q, k, v, out, lse, dlse[0] if dlse else None, cfg, layout)
+  def lower(dout, q, k, v, out, lse, *rest):
+    return local_bwd(dout, q, k, v, out, lse, *_dlse_and_sequences(with_dlse, tree, rest), cfg, layout)
 
-  args = (q_s, q_s, kv_s, kv_s, q_s, lse_s) + ((lse_s,) if with_dlse else ())
+  args = (q_s, q_s, kv_s, kv_s, q_s, lse_s) + ((lse_s,) if with_dlse else ()) + (s(P()),) * tree.num_leaves
   return mesh, lower, (q_s, kv_s, kv_s), args
 
 
-def _partitioned_bwd(cfg, with_dlse, dout, q, k, v, out, lse, *dlse):
-  return tuple(local_bwd(dout, q, k, v, out, lse, dlse[0] if dlse else None, cfg, plan(P(), {}, q.shape, k.shape)))
+def _partitioned_bwd(cfg, with_dlse, tree, dout, q, k, v, out, lse, *rest):
+  dlse, sequences = _dlse_and_sequences(with_dlse, tree, rest)
+  return tuple(local_bwd(dout, q, k, v, out, lse, dlse, sequences, cfg, plan(P(), {}, q.shape, k.shape, sequences)))
 
 
-_partitioned_bwd = custom_partitioning(_partitioned_bwd, static_argnums=(0, 1))
+_partitioned_bwd = custom_partitioning(_partitioned_bwd, static_argnums=(0, 1, 2))
 _partitioned_bwd.def_partition(_bwd_partition, sharding_rule=_bwd_rule)
 
 
@@ -292,25 +359,34 @@ def _inside_shard_map() -> bool:
   return not mesh.empty and bool(mesh.manual_axes)
 
 
-def attention_fwd(q, k, v, cfg: AttentionConfig):
+def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
   """(out, lse) of the global problem, computed shard by shard wherever the inputs are sharded."""
   if not ENABLED or _inside_shard_map():
-    return _ops.attention_fwd(q, k, v, cfg)
-  explicit = _explicit_layout(q, k)
+    return _ops.attention_fwd(q, k, v, cfg, sequences)
+  explicit = _explicit_layout(q, k, sequences)
   if explicit is not None:
-    return _explicit_fwd(*explicit, q, k, v, cfg)
+    return _explicit_fwd(*explicit, q, k, v, sequences, cfg)
+
+  def partitioned(q, k, v, sequences):
+    leaves, tree = jax.tree.flatten(sequences)
+    return _partitioned_fwd(cfg, tree, q, k, v, *leaves)
+
   # custom_partitioning has no batching rule: fold vmap into batch / heads around it (docs/integration.md §4.5).
-  op = _ops.fold_vmap(functools.partial(_partitioned_fwd, cfg), _ops.fwd_fold_into_heads)
-  return tuple(op(q, k, v))
+  return tuple(_ops.fold_vmap(partitioned, _ops.fold_fwd, _ops.fwd_fold_into_heads)(q, k, v, sequences))
 
 
-def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None):
+def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None,
+                  sequences: SequenceLayout = SequenceLayout()):
   """(dq, dk, dv) of the global problem, shard by shard; dlse (the lse cotangent) is optional."""
   if not ENABLED or _inside_shard_map():
-    return _ops.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse)
-  explicit = _explicit_layout(q, k)
+    return _ops.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse, sequences=sequences)
+  explicit = _explicit_layout(q, k, sequences)
   if explicit is not None:
-    return _explicit_bwd(*explicit, dout, q, k, v, out, lse, dlse, cfg)
-  args = (dout, q, k, v, out, lse) + (() if dlse is None else (dlse,))
-  op = _ops.fold_vmap(functools.partial(_partitioned_bwd, cfg, dlse is not None))
-  return tuple(op(*args))
+    return _explicit_bwd(*explicit, dout, q, k, v, out, lse, dlse, sequences, cfg)
+
+  def partitioned(dout, q, k, v, out, lse, dlse, sequences):
+    leaves, tree = jax.tree.flatten(sequences)
+    optional = () if dlse is None else (dlse,)
+    return _partitioned_bwd(cfg, dlse is not None, tree, dout, q, k, v, out, lse, *optional, *leaves)
+
+  return tuple(_ops.fold_vmap(partitioned, _ops.fold_bwd)(dout, q, k, v, out, lse, dlse, sequences))

@@ -5,9 +5,10 @@ reference.
 The rule: an implementation passes if its error against the float32 reference is at most `rtol` times the error of
 a plain same-precision implementation (`same_precision_attention`) plus `atol`, the output dtype's rounding noise.
 
-One check (`KernelCase`) is one XLA program: flash_attn_func's forward and backward, the float32 reference's and the
-same-precision baseline's, computed together (`compile_check`), then judged on the host (`run_check`). Compiling is
-what a check costs, so callers with many checks compile them in parallel; `check_kernel` does both steps.
+One check (`KernelCase`) is one XLA program: flash_attn_func's forward and backward (flash_attn_varlen_func's for a
+`Packing`), the float32 reference's and the same-precision baseline's, computed together (`compile_check`), then
+judged on the host (`run_check`). Compiling is what a check costs, so callers with many checks compile them in
+parallel; `check_kernel` does both steps.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fa3_jax import reference
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
+from fa3_jax._config import visible
 
 # XLA's GEMM autotuning would only speed up the reference's and the baseline's matmuls (the kernels are custom calls)
 # and costs seconds per compilation, so checks compile without it. Never for timing: XLA's own attention needs it.
@@ -57,9 +61,13 @@ def kernel_problem() -> str | None:
   return None if problem is None else f"this Hopper GPU has no kernels to run: {problem}"
 
 
-def same_precision_attention(q, k, v, cfg: AttentionConfig):
+def same_precision_attention(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
   """Dense attention computed in the input precision (FA3's `pt` baseline): the softmax scale is applied to K, the
-  scores, probabilities and output are rounded to the input dtype after each step. Returns out (b, s_q, h, d_v)."""
+  scores, probabilities and output are rounded to the input dtype after each step. q, k, v are BSHD, or packed where
+  `sequences` says so (each sequence is padded to its side's max_seqlen, as the reference does). Returns out in q's
+  layout: (b, s_q, h, d_v) or (total_q, h, d_v)."""
+  pq, pk = reference.paddings(sequences, q, k)
+  q, k, v = pq.pad(q), pk.pad(k), pk.pad(v)
   dtype = q.dtype
   b, sq, h, _ = q.shape
   sk, hk = k.shape[1], k.shape[2]
@@ -69,14 +77,13 @@ def same_precision_attention(q, k, v, cfg: AttentionConfig):
                  preferred_element_type=jnp.float32).astype(dtype)
   if cfg.softcap > 0:
     s = (cfg.softcap * jnp.tanh(s.astype(jnp.float32) / cfg.softcap)).astype(dtype)
-  left, right = cfg.resolved_window(sq, sk)
-  row = jnp.arange(sq)[:, None] + sk - sq
-  col = jnp.arange(sk)[None, :]
-  visible = (col >= row - left) & (col <= row + right)
-  s = jnp.where(visible, s.astype(jnp.float32), -jnp.inf)
+  lengths = lambda n, seqlen: seqlen if n is None else n[:, None, None, None]  # per batch, against (b, h, s_q, s_k)
+  attend = visible(jnp.arange(sq)[:, None], jnp.arange(sk)[None, :], lengths(pq.lengths, sq), lengths(pk.lengths, sk),
+                   cfg)
+  s = jnp.where(attend, s.astype(jnp.float32), -jnp.inf)
   p = jax.nn.softmax(s, axis=-1)
-  p = jnp.where(visible.any(axis=-1)[:, None], p, 0.0).astype(dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(dtype)
+  p = jnp.where(attend.any(axis=-1, keepdims=True), p, 0.0).astype(dtype)
+  return pq.unpad(jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(dtype), 0)
 
 
 def fa3_tolerance(ref, pt, dtype, rtol: float, extra_atol: float = 0.0) -> float:
@@ -111,10 +118,44 @@ def _poison_device_memory(nbytes: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class Packing:
+  """The sequences of a variable-length check, back to back: sequence b is allotted lengths_q[b] query and
+  lengths_k[b] key rows (cu_seqlens), of which the first used_q[b] / used_k[b] take part (seqused; None: all);
+  extra_q / extra_k rows after the last sequence belong to none."""
+
+  lengths_q: tuple[int, ...]
+  lengths_k: tuple[int, ...]
+  used_q: tuple[int, ...] | None = None
+  used_k: tuple[int, ...] | None = None
+  extra_q: int = 0
+  extra_k: int = 0
+
+  def rows(self, side: str) -> int:
+    """Rows of side "q" or "k"'s tensors (total_q / total_k)."""
+    return sum(getattr(self, f"lengths_{side}")) + getattr(self, f"extra_{side}")
+
+  def cu_seqlens(self, side: str) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(getattr(self, f"lengths_{side}"))]).astype(np.int32)
+
+  def seqused(self, side: str) -> np.ndarray | None:
+    used = getattr(self, f"used_{side}")
+    return None if used is None else np.asarray(used, np.int32)
+
+  def describe(self) -> str:
+    used = "".join(f", used {side} {u}" for side, u in (("q", self.used_q), ("k", self.used_k)) if u is not None)
+    extra = f", {self.extra_q} / {self.extra_k} extra rows" if self.extra_q or self.extra_k else ""
+    return f"sequences q {self.lengths_q} k {self.lengths_k}{used}{extra}"
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelCase:
   """One check: flash_attn_func's arguments and the input shapes q (batch, seqlen_q, heads, head_dim),
   k (batch, seqlen_k, kv_heads, head_dim), v (batch, seqlen_k, kv_heads, head_dim_v), dout like the output.
-  backward=False checks out and lse only."""
+  backward=False checks out and lse only.
+
+  With a packing, the check runs flash_attn_varlen_func on q (total_q, heads, head_dim), k, v (total_k, kv_heads,
+  ...) packed as it says, with max_seqlen_q / max_seqlen_k = seqlen_q / seqlen_k (batch is then unused), and also
+  checks that rows of no sequence get exactly 0 (out, dq, dk, dv) and lse -inf."""
 
   dtype: str  # "bfloat16" or "float16"
   head_dim: int
@@ -130,6 +171,7 @@ class KernelCase:
   backward: bool = True
   deterministic: bool = False
   seed: int = 0
+  packing: Packing | None = None
 
   def attention_kwargs(self) -> dict:
     return dict(causal=self.causal, window_size=self.window_size, softcap=self.softcap,
@@ -140,16 +182,29 @@ class KernelCase:
     mask = [name for name, on in (("causal", self.causal),
                                   (f"window {self.window_size}", self.window_size != (-1, -1)),
                                   (f"softcap {self.softcap:g}", self.softcap > 0)) if on]
+    problem = (f"{self.batch} x {self.seqlen_q} x {self.seqlen_k}" if self.packing is None else
+               f"{self.packing.describe()}, max {self.seqlen_q} x {self.seqlen_k}")
     return (f"{self.dtype} {self.head_dim}x{self.head_dim_v} {'fwd+bwd' if self.backward else 'fwd'} "
-            f"{' + '.join(mask) or 'no mask'}, {self.batch} x {self.seqlen_q} x {self.seqlen_k}, "
-            f"heads {self.heads} / kv {self.kv_heads}")
+            f"{' + '.join(mask) or 'no mask'}, {problem}, heads {self.heads} / kv {self.kv_heads}")
 
 
 def _shapes(case: KernelCase) -> tuple[tuple[int, ...], ...]:
   """Shapes of q, k, v, dout."""
   b, sq, sk, h, hk, d, dv = (case.batch, case.seqlen_q, case.seqlen_k, case.heads, case.kv_heads, case.head_dim,
                              case.head_dim_v)
+  if case.packing is not None:
+    tq, tk = case.packing.rows("q"), case.packing.rows("k")
+    return (tq, h, d), (tk, hk, d), (tk, hk, dv), (tq, h, dv)
   return (b, sq, h, d), (b, sk, hk, d), (b, sk, hk, dv), (b, sq, h, dv)
+
+
+def _sequences(case: KernelCase) -> SequenceLayout:
+  """The sequence layout of the case's inputs (host arrays): its packing, or uniform (BSHD)."""
+  p = case.packing
+  if p is None:
+    return SequenceLayout()
+  return SequenceLayout(p.cu_seqlens("q"), p.cu_seqlens("k"), p.seqused("q"), p.seqused("k"),
+                        max_seqlen_q=case.seqlen_q, max_seqlen_k=case.seqlen_k)
 
 
 def _inputs(case: KernelCase):
@@ -163,17 +218,23 @@ def _inputs(case: KernelCase):
 
 
 def lower_check(case: KernelCase) -> jax.stages.Lowered:
-  """The check as one program (q, k, v, dout) -> {"out": (ours, reference, baseline), "lse": (ours, reference),
-  "dq" / "dk" / "dv": (ours, reference, baseline) with case.backward}, traced and lowered for the default backend."""
-  from fa3_jax import _validate, attention, reference  # late import: fa3_jax imports this module's siblings
+  """The check as one program (q, k, v, dout, sequence layout) -> {"out": (ours, reference, baseline),
+  "lse": (ours, reference), "dq" / "dk" / "dv": (ours, reference, baseline) with case.backward}, traced and lowered
+  for the default backend."""
+  from fa3_jax import _validate, attention  # late import: fa3_jax imports this module's siblings
 
   cfg = _validate.attention_config(case.head_dim, None, case.causal, case.window_size, case.softcap,
                                    case.deterministic)
   kwargs = case.attention_kwargs()
   as_f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
 
-  def program(q, k, v, dout):
-    ours = lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs)
+  def program(q, k, v, dout, sequences):
+    if case.packing is None:
+      ours = lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs)
+    else:
+      ours = lambda q, k, v: attention.flash_attn_varlen_func(
+          q, k, v, sequences.cu_seqlens_q, sequences.cu_seqlens_k, sequences.max_seqlen_q, sequences.max_seqlen_k,
+          sequences.seqused_q, sequences.seqused_k, return_lse=True, **kwargs)
     if case.backward:
       # lse as aux: it gets no cotangent, so the backward is the one every caller without return_lse gets.
       out, vjp, lse = jax.vjp(ours, q, k, v, has_aux=True)
@@ -187,10 +248,10 @@ def lower_check(case: KernelCase) -> jax.stages.Lowered:
     # (memory linear in seqlen, cheap to compile), at full float32 matmul precision (JAX's default on GPUs is
     # TF32, whose 10-bit mantissa is no better than the fp16 kernel under test).
     with jax.default_matmul_precision("highest"):
-      ref_out, ref_lse = reference.attention_forward(*as_f32(q, k, v), cfg)
-      ref_grads = (reference.attention_backward(*as_f32(q, k, v), ref_out, ref_lse, dout.astype(jnp.float32), cfg)
-                   if case.backward else ())
-    baseline = lambda q, k, v: same_precision_attention(q, k, v, cfg)
+      ref_out, ref_lse = reference.varlen_forward(*as_f32(q, k, v), cfg, sequences)
+      ref_grads = (reference.varlen_backward(*as_f32(q, k, v), ref_out, ref_lse, dout.astype(jnp.float32), cfg,
+                                             sequences) if case.backward else ())
+    baseline = lambda q, k, v: same_precision_attention(q, k, v, cfg, sequences)
     if case.backward:
       pt_out, pt_vjp = jax.vjp(baseline, q, k, v)
       pt_grads = pt_vjp(dout)
@@ -200,7 +261,9 @@ def lower_check(case: KernelCase) -> jax.stages.Lowered:
     results.update(zip(("dq", "dk", "dv"), zip(grads, ref_grads, pt_grads)))
     return results
 
-  return jax.jit(program).lower(*(jax.ShapeDtypeStruct(shape, jnp.dtype(case.dtype)) for shape in _shapes(case)))
+  arrays = [jax.ShapeDtypeStruct(shape, jnp.dtype(case.dtype)) for shape in _shapes(case)]
+  return jax.jit(program).lower(*arrays, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                      _sequences(case)))
 
 
 def compile_check(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
@@ -212,9 +275,10 @@ def run_check(case: KernelCase, compiled: jax.stages.Compiled) -> list[tuple[boo
   """Runs a compiled check of `case` on fresh inputs and judges out, lse (and dq, dk, dv) with the FA3 rule.
   Returns [(passed, message)]."""
   inputs = [jax.device_put(x) for x in _inputs(case)]
+  sequences = jax.device_put(_sequences(case))
   memory = compiled.memory_analysis()
   _poison_device_memory(memory.output_size_in_bytes + memory.temp_size_in_bytes)
-  results = compiled(*inputs)
+  results = compiled(*inputs, sequences)
   softcap = case.softcap > 0
   judged = [fa3_check("out", *results["out"], softcap=softcap)]
   lse, ref_lse = (np.asarray(x) for x in results["lse"])
@@ -224,16 +288,38 @@ def run_check(case: KernelCase, compiled: jax.stages.Compiled) -> list[tuple[boo
   judged.append((same_inf and lse_err <= 1e-3, f"lse: -inf rows match {same_inf}, max error {lse_err:.2e}"))
   judged += [fa3_check(name, *results[name], softcap=softcap, gradient=True)
              for name in ("dq", "dk", "dv") if name in results]
+  if case.packing is not None:
+    judged.append(_judge_uncovered_rows(case, results))
   return judged
+
+
+def _uncovered(case: KernelCase, side: str) -> np.ndarray:
+  """(rows,) bool: the rows of side "q" or "k" that belong to no sequence."""
+  rows = case.packing.rows(side)
+  offset, length = (np.asarray(x)[None, :] for x in _sequences(case).extents(side, rows))
+  index = np.arange(rows)[:, None]
+  return ~((index >= offset) & (index < offset + length)).any(axis=1)
+
+
+def _judge_uncovered_rows(case: KernelCase, results) -> tuple[bool, str]:
+  """Rows of no sequence: out and dq exactly 0 and lse -inf; key rows of no sequence: dk and dv exactly 0."""
+  rows_q, rows_k = _uncovered(case, "q"), _uncovered(case, "k")
+  ours = {name: np.asarray(results[name][0]) for name in ("out", "lse", "dq", "dk", "dv") if name in results}
+  exact = [np.all(ours["out"][rows_q] == 0), np.all(np.isneginf(ours["lse"][:, rows_q]))]
+  exact += [np.all(ours[name][rows] == 0) for name, rows in (("dq", rows_q), ("dk", rows_k), ("dv", rows_k))
+            if name in ours]
+  return bool(all(exact)), (f"uncovered rows: {int(rows_q.sum())} query rows and {int(rows_k.sum())} key rows "
+                            f"exactly 0 / -inf: {all(exact)}")
 
 
 def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k: int, *, batch: int = 2,
                  heads: int = 6, kv_heads: int = 6, causal: bool = False, window_size=(-1, -1),
-                 softcap: float = 0.0, backward: bool = True, deterministic: bool = False,
-                 seed: int = 0) -> list[tuple[bool, str]]:
-  """Runs flash_attn_func (the kernel, on a GPU build) and the float32 reference on fresh random inputs and checks
-  out, lse and (with backward) dq, dk, dv with the FA3 rule. Returns [(passed, message)]."""
+                 softcap: float = 0.0, backward: bool = True, deterministic: bool = False, seed: int = 0,
+                 packing: Packing | None = None) -> list[tuple[bool, str]]:
+  """Runs flash_attn_func (the kernel, on a GPU build), or flash_attn_varlen_func with a packing (see KernelCase),
+  and the float32 reference on fresh random inputs and checks out, lse and (with backward) dq, dk, dv with the FA3
+  rule. Returns [(passed, message)]."""
   case = KernelCase(jnp.dtype(dtype).name, head_dim, head_dim_v, seqlen_q, seqlen_k, batch=batch, heads=heads,
                     kv_heads=kv_heads, causal=causal, window_size=tuple(window_size), softcap=softcap,
-                    backward=backward, deterministic=deterministic, seed=seed)
+                    backward=backward, deterministic=deterministic, seed=seed, packing=packing)
   return run_check(case, compile_check(lower_check(case)))

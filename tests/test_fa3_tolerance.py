@@ -30,7 +30,7 @@ def test_check_kernel_passes_the_reference():
 
 def test_check_kernel_catches_a_wrong_output(monkeypatch):
   correct = _ops.attention_fwd
-  monkeypatch.setattr(_ops, "attention_fwd", lambda q, k, v, cfg: (lambda o, l: (o * 1.02, l))(*correct(q, k, v, cfg)))
+  monkeypatch.setattr(_ops, "attention_fwd", lambda *args: (lambda o, l: (o * 1.02, l))(*correct(*args)))
   results = dict((msg.split(":")[0], ok) for ok, msg in
                  testing.check_kernel(jnp.bfloat16, 32, 32, 40, 40, batch=1, heads=2, kv_heads=2, backward=False))
   assert results == {"out": False, "lse": True}
@@ -43,3 +43,23 @@ def test_check_kernel_catches_a_wrong_gradient(monkeypatch):
   results = dict((msg.split(":")[0], ok) for ok, msg in
                  testing.check_kernel(jnp.bfloat16, 32, 32, 40, 40, batch=1, heads=2, kv_heads=2))
   assert results == {"out": True, "lse": True, "dq": True, "dk": False, "dv": True}
+
+
+PACKING = testing.Packing((5, 0, 23), (9, 4, 30), used_q=(5, 0, 20), used_k=(3, 4, 30), extra_q=4, extra_k=2)
+
+
+def test_check_kernel_with_a_packing_passes_the_reference():
+  results = testing.check_kernel(jnp.bfloat16, 32, 32, 25, 31, heads=4, kv_heads=2, causal=True, packing=PACKING)
+  assert [name.split(":")[0] for _, name in results] == ["out", "lse", "dq", "dk", "dv", "uncovered rows"]
+  assert all(ok for ok, _ in results), results
+  assert "7 query rows and 8 key rows exactly 0 / -inf: True" in results[-1][1]
+
+
+def test_check_kernel_with_a_packing_catches_nonzero_uncovered_rows(monkeypatch):
+  correct = _ops.attention_bwd
+  # A backward that leaks gradient into every key row, those of no sequence included.
+  monkeypatch.setattr(_ops, "attention_bwd", lambda *args, **kw: (lambda dq, dk, dv: (dq, dk, dv + 1e-6))(
+      *correct(*args, **kw)))
+  results = dict((msg.split(":")[0], ok) for ok, msg in
+                 testing.check_kernel(jnp.bfloat16, 32, 32, 25, 31, heads=2, kv_heads=2, packing=PACKING))
+  assert results == {"out": True, "lse": True, "dq": True, "dk": True, "dv": True, "uncovered rows": False}

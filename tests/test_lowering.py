@@ -114,3 +114,91 @@ def test_vmap_of_grad_traces_through_both_kernels(kernels_compiled):
   (fwd,) = custom_calls(text, "fa3_jax_fwd")
   (bwd,) = custom_calls(text, "fa3_jax_bwd")
   assert "tensor<3x16x4x64xbf16>" in fwd and "tensor<3x16x2x64xbf16>" in bwd
+
+
+# ---- variable-length (packed) calls: the sequence-layout operands and attributes -------------------------------
+
+def varlen_inputs(total_q=100, total_k=130, h=8, hk=2, d=128, batch=3):
+  cu = jnp.zeros((batch + 1,), jnp.int32)
+  return (jnp.zeros((total_q, h, d), jnp.bfloat16), jnp.zeros((total_k, hk, d), jnp.bfloat16),
+          jnp.zeros((total_k, hk, d), jnp.bfloat16), cu, cu)
+
+
+def signature(call):
+  """The custom call's '(operand types) -> (result types)', the workspace's size left out (0 without the extension)."""
+  return re.sub(r"tensor<\d+xui8>", "tensor<?xui8>", call.rsplit("} : ", 1)[1])
+
+
+def varlen(q, k, v, cu_q, cu_k, **kwargs):
+  return fa3_jax.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 60, 70, **kwargs)
+
+
+def test_varlen_forward_announces_the_sequence_layout(kernels_compiled):
+  used = jnp.zeros((3,), jnp.int32)
+  text = cuda_stablehlo(lambda q, k, v, a, b, u: varlen(q, k, v, a, b, seqused_k=u, causal=True),
+                        *varlen_inputs(), used)
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  for flag in ("with_cu_seqlens_q = true", "with_cu_seqlens_k = true", "with_seqused_q = false",
+               "with_seqused_k = true", "max_seqlen_q = 60 : i64", "max_seqlen_k = 70 : i64"):
+    assert flag in call
+  # causal, unbounded left: resolved with the bounds, left = max_seqlen_k.
+  assert "window_left = 70 : i64" in call and "window_right = 0 : i64" in call
+  assert signature(call).startswith(
+      "(tensor<100x8x128xbf16>, tensor<130x2x128xbf16>, tensor<130x2x128xbf16>, tensor<4xi32>, tensor<4xi32>, "
+      "tensor<3xi32>) -> (tensor<100x8x128xbf16>, tensor<8x100xf32>, tensor<?xui8>)")
+
+
+def test_varlen_backward_operands_with_lse_cotangent(kernels_compiled):
+  def loss(q, k, v, a, b):
+    out, lse = varlen(q, k, v, a, b, deterministic=True, return_lse=True)
+    return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
+
+  text = cuda_stablehlo(jax.grad(loss, argnums=(0, 1, 2)), *varlen_inputs())
+  assert len(custom_calls(text, "fa3_jax_fwd")) == 1
+  (call,) = custom_calls(text, "fa3_jax_bwd")
+  for flag in ("with_dlse = true", "with_cu_seqlens_q = true", "with_cu_seqlens_k = true", "with_seqused_q = false",
+               "with_seqused_k = false", "deterministic = true", "max_seqlen_q = 60 : i64", "max_seqlen_k = 70 : i64",
+               "window_left = 70 : i64", "window_right = 60 : i64"):
+    assert flag in call
+  # dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k -> dq, dk, dv, workspace
+  q, kv = "tensor<100x8x128xbf16>", "tensor<130x2x128xbf16>"
+  assert signature(call).startswith(f"({q}, {q}, {kv}, {kv}, {q}, tensor<8x100xf32>, tensor<8x100xf32>, "
+                                    f"tensor<4xi32>, tensor<4xi32>) -> ({q}, {kv}, {kv}, tensor<?xui8>)")
+
+
+def test_varlen_head_dim_is_zero_padded_like_the_dense_call(kernels_compiled):
+  q, k, v, cu_q, cu_k = varlen_inputs(d=72)
+  (call,) = custom_calls(cuda_stablehlo(varlen, q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16),
+                                        cu_q, cu_k), "fa3_jax_fwd")
+  assert signature(call).startswith("(tensor<100x8x96xf16>, tensor<130x2x96xf16>, tensor<130x2x96xf16>")
+
+
+def test_varlen_vmap_over_everything_folds_into_one_packing(kernels_compiled):
+  stack = lambda x: jnp.stack([x] * 3)
+  loss = lambda *a: varlen(*a, causal=True).astype(jnp.float32).sum()
+  text = cuda_stablehlo(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))), *(stack(x) for x in varlen_inputs()))
+  (fwd,) = custom_calls(text, "fa3_jax_fwd")
+  (bwd,) = custom_calls(text, "fa3_jax_bwd")
+  # 3 copies of 3 sequences: one packing of 9, the lengths explicit as seqused.
+  assert signature(fwd).startswith("(tensor<300x8x128xbf16>, tensor<390x2x128xbf16>, tensor<390x2x128xbf16>, "
+                                   "tensor<10xi32>, tensor<10xi32>, tensor<9xi32>, tensor<9xi32>) -> "
+                                   "(tensor<300x8x128xbf16>, tensor<8x300xf32>")
+  assert "with_seqused_q = true" in fwd and "with_seqused_k = true" in bwd
+  assert "tensor<8x300xf32>, tensor<10xi32>, tensor<10xi32>, tensor<9xi32>, tensor<9xi32>) ->" in bwd
+
+
+def test_varlen_vmap_over_q_folds_into_heads(kernels_compiled):
+  q, k, v, cu_q, cu_k = varlen_inputs()
+  text = cuda_stablehlo(jax.vmap(lambda q: varlen(q, k, v, cu_q, cu_k)), jnp.stack([q] * 3))
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  assert signature(call).startswith("(tensor<100x24x128xbf16>, tensor<130x2x128xbf16>, tensor<130x2x128xbf16>, "
+                                    "tensor<4xi32>, tensor<4xi32>) -> (tensor<100x24x128xbf16>, tensor<24x100xf32>")
+
+
+def test_varlen_remat_policy_keeps_one_forward(kernels_compiled):
+  loss = lambda *a: varlen(*a).astype(jnp.float32).sum()
+  policy = jax.checkpoint_policies.save_only_these_names("fa3_out", "fa3_lse")
+  saved = cuda_stablehlo(jax.value_and_grad(jax.checkpoint(loss, policy=policy)), *varlen_inputs())
+  recomputed = cuda_stablehlo(jax.value_and_grad(jax.checkpoint(loss)), *varlen_inputs())
+  assert len(custom_calls(saved, "fa3_jax_fwd")) == 1
+  assert len(custom_calls(recomputed, "fa3_jax_fwd")) == 2

@@ -16,6 +16,7 @@ import fa3_jax
 from fa3_jax import _extension
 from fa3_jax import sharding
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
 from oracle import dense_attention, numpy_attention, random_qkv
 
 COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
@@ -189,7 +190,8 @@ def test_auto_partition_callback_derives_kv_sharding_from_q_and_lowers_kernels(k
   cfg = AttentionConfig(softmax_scale=0.125, window_right=0)
   shape = lambda s, spec: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=NamedSharding(mesh, spec))
   args = [shape((4, 32, 8, 64), P("dp", None, "tp")), shape((4, 32, 4, 64), P()), shape((4, 32, 4, 64), P())]
-  _, lower, results, arg_shardings = sharding._fwd_partition(cfg, mesh, args, None)
+  _, lower, results, arg_shardings = sharding._fwd_partition(cfg, jax.tree.structure(SequenceLayout()), mesh, args,
+                                                             None)
   assert [s.spec for s in arg_shardings] == [P("dp", None, "tp", None)] * 3
   assert [s.spec for s in results] == [P("dp", None, "tp", None), P("dp", "tp", None)]
   local = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((2, 32, 2, 64), (2, 32, 1, 64), (2, 32, 1, 64))]
