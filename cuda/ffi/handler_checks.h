@@ -86,14 +86,6 @@ inline std::string dims_str(ffi::Span<const int64_t> d) {
   return s + ")";
 }
 
-inline bool dims_equal(ffi::Span<const int64_t> x, std::initializer_list<int64_t> y) {
-  if (x.size() != y.size()) return false;
-  size_t i = 0;
-  for (int64_t e : y) {
-    if (x[i++] != e) return false;
-  }
-  return true;
-}
 
 }  // namespace fa3::handler
 
