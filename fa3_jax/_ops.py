@@ -265,7 +265,8 @@ def fwd_kernel(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = Sequen
   def call(q, k, v, sequences):
     batch, max_q, max_k = _problem_sizes(q, k, sequences)
     d, dv = dims
-    n = _extension.workspace_bytes("fwd", batch, max_q, max_k, q.shape[-2], k.shape[-2], d, dv)
+    n = _extension.workspace_bytes("fwd", batch, max_q, max_k, q.shape[-2], k.shape[-2], d, dv,
+                                   not sequences.uniform)
     result_types = (_result_type(q, (*q.shape[:-1], dv), q.dtype),
                     _result_type(q, lse_shape(q, sequences), jnp.float32), _result_type(q, (n,), jnp.uint8))
     operands = dict(q=_pad_last(q, d), k=_pad_last(k, d), v=_pad_last(v, dv), **sequences.arrays())

@@ -4,7 +4,7 @@
 // Operands q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, d_v), bf16|f16, contiguous; then the
 //          sequence-layout operands present (problem.h: cu_seqlens_q / _k make a side packed, seqused_q / _k).
 // Results  out (q's layout with d_v, dtype of q), lse (b, h, s_q) or packed (h, total_q) f32, workspace (n,) u8
-//          with n = fa3::fwd_workspace_bytes(...) (0 today).
+//          with n = fa3::fwd_workspace_bytes(...) (the dynamic tile counter of non-uniform problems, or 0).
 // Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned
 //          per sequence, already resolved by Python; see fa3/visibility.h), max_seqlen_q i64, max_seqlen_k i64,
 //          with_cu_seqlens_q, with_cu_seqlens_k, with_seqused_q, with_seqused_k bool.
@@ -23,6 +23,7 @@
 
 #include "fa3/fwd_launch.h"
 #include "fa3/params.h"
+#include "fa3/tile_size.h"
 #include "fa3/workspace.h"
 #include "fa3_kernel_list.h"
 #include "handler_checks.h"
@@ -34,7 +35,12 @@ namespace ffi = xla::ffi;
 
 namespace fa3 {
 
-int64_t fwd_workspace_bytes(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) { return 0; }
+// Non-uniform problems (kVarlen) on the persistent grid hand out their tiles through a counter
+// (fa3/tile_scheduler.cuh); nothing else needs memory.
+int64_t fwd_workspace_bytes(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t head_dim, int64_t head_dim_v,
+                            bool varlen) {
+  return varlen && fwd_persistent(int(head_dim), int(head_dim_v)) ? int64_t(sizeof(int)) : 0;
+}
 
 }  // namespace fa3
 
@@ -85,7 +91,8 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
                                        std::to_string(shape.head_dim) + ", " + std::to_string(shape.head_dim_v) + ")");
   }
   const int64_t ws_needed = fa3::fwd_workspace_bytes(shape.batch, max_seqlen_q, max_seqlen_k, shape.heads,
-                                                     shape.kv_heads, shape.head_dim, shape.head_dim_v);
+                                                     shape.kv_heads, shape.head_dim, shape.head_dim_v,
+                                                     !p.sequences().uniform());
   if (int64_t(workspace->size_bytes()) < ws_needed) {
     return ffi::Error::InvalidArgument(target + ": workspace too small");
   }

@@ -2,9 +2,10 @@
 // (docs/kernels.md §2.1, §2.9).
 //
 // Warpgroup 0 is the producer (one elected thread issues all TMA; the other producer warps exit after giving their
-// registers back); warpgroups 1.. are consumers of 64 rows each. Both sides walk the same tile sequence
-// (FwdTileScheduler) and skip the same empty tiles (past the sequence's rows, or no visible KV block), so the
-// pipeline stages and the Q phase advance in step without any hand-off between them. With the persistent grid the producer runs up to a tile
+// registers back); warpgroups 1.. are consumers of 64 rows each. Both sides see the same tile sequence
+// (FwdTileScheduler: the same static walk, or the dynamic walk's tiles that the producer publishes) and skip the same
+// empty tiles (past the sequence's rows, or no visible KV block), so the pipeline stages and the Q phase advance in
+// step. With the persistent grid the producer runs up to a tile
 // ahead: it loads the next tile's first K block and, once every consumer warp is past its last Q K^T
 // (bar_q_empty), the next Q, while the consumers finish the last P V and the epilogue.
 #pragma once
@@ -40,11 +41,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     cutlass::arch::ClusterBarrier::init(&smem.bar_q_empty, Traits::kNumMmaThreads / 32);
     smem.pipe_k.init(Traits::kNumMmaWarpGroups * 4);
     smem.pipe_v.init(Traits::kNumMmaWarpGroups * 4);
+    smem.tiles.init(Traits::kNumMmaWarpGroups * 4);
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
   const FwdTileScheduler& sched = args.scheduler;
+  using Role = FwdTileScheduler::Role;
   // A tile past its sequence's last row (sequences shorter than the longest, fa3/sequences.h) has nothing to
   // compute or store.
   auto tile_has_rows = [&](FwdTileScheduler::Tile const& tile, Sequence const& seq) {
@@ -58,14 +61,20 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
 
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::Tile::kProducerRegs>();
-    if (warp_in_group == 0 && cute::elect_one_sync()) {
-      Mainloop::prefetch_descriptors(args);
-      sched.for_each_tile<Traits::kPersistent>([&](FwdTileScheduler::Tile const& tile) {
+    // One lane issues the loads. It walks the tiles alone, except on the packed walk (persistent grid, kVarlen), which
+    // reads lengths a warp at a time and so takes the whole warp. (The walking lanes then need more than the
+    // producer's registers, and a dense walk by the whole warp spilled too; docs/kernels.md §2.9.)
+    constexpr bool kWarpWalks = Traits::kPersistent && kVarlen;
+    const bool issuer = warp_in_group == 0 && cute::elect_one_sync();
+    if (warp_in_group == 0 && (kWarpWalks || issuer)) {
+      if (issuer) Mainloop::prefetch_descriptors(args);
+      sched.for_each_tile<Traits::kPersistent, kVarlen, Traits::kBlockM, Traits::kBlockN, Role::kProducer>(
+          args.seqs, smem.tiles, [&](FwdTileScheduler::Tile const& tile) {
         const Sequence seq = args.seqs.template at<kVarlen>(tile.batch);
         if (!tile_has_rows(tile, seq)) return;
         const BlockRange range = tile_range(tile, seq);
         if (range.n_min >= range.n_max) return;
-        Mainloop::load(args, smem, tile.m_block, tile.head, seq, range, pipes, tiles_done);
+        if (issuer) Mainloop::load(args, smem, tile.m_block, tile.head, seq, range, pipes, tiles_done);
         ++tiles_done;
       });
     }
@@ -75,7 +84,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
     typename Traits::TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, Shape<typename Traits::BM, typename Traits::DV>{});
     Mainloop::pingpong_open(thread_idx);
-    sched.for_each_tile<Traits::kPersistent>([&](FwdTileScheduler::Tile const& tile) {
+    sched.for_each_tile<Traits::kPersistent, kVarlen, Traits::kBlockM, Traits::kBlockN, Role::kConsumer>(
+        args.seqs, smem.tiles, [&](FwdTileScheduler::Tile const& tile) {
       const Sequence seq = args.seqs.template at<kVarlen>(tile.batch);
       if (!tile_has_rows(tile, seq)) return;
       const BlockRange range = tile_range(tile, seq);

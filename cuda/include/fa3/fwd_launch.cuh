@@ -40,17 +40,23 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   constexpr int kSmem = Traits::kSmemBytes;
   const LaunchSetup& setup = launch_setup<fwd_kernel<Traits, kVarlen>>(kSmem, p.device);
   if (setup.err != cudaSuccess) return setup.err;
-  // Pair long with short m-blocks only where the tile costs (visible key blocks) differ along the sequence: in the
-  // longest sequence's rule, and always between sequences of different lengths.
+  // Pair long with short m-blocks only where the tile costs (visible key blocks) differ along the sequence, judged
+  // by the longest sequence's rule. (The non-persistent varlen grid runs over the longest sequence's m-blocks and
+  // ignores the pairing; the persistent one pairs within each sequence.)
   const Visibility bound = seqs.bound();
   auto key_blocks = [&](int m_block) {
     const BlockRange r = bound.key_blocks(m_block, Traits::kBlockM, Traits::kBlockN);
     return imax(0, r.n_max - r.n_min);
   };
   // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
-  const FwdTileScheduler sched = FwdTileScheduler::make(
-      num_m_blocks, p.heads, p.batch, !seqs.uniform() || key_blocks(0) != key_blocks(num_m_blocks - 1),
-      Traits::kPersistent, setup.num_sms);
+  FwdTileScheduler sched =
+      FwdTileScheduler::make(num_m_blocks, (p.seq_k.len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch,
+                             key_blocks(0) != key_blocks(num_m_blocks - 1), Traits::kPersistent, setup.num_sms);
+  if constexpr (Traits::kPersistent && kVarlen) {  // the dynamic walk's counter (fwd_workspace_bytes)
+    if (p.workspace_bytes < int64_t(sizeof(int))) return cudaErrorInvalidValue;
+    sched.counter = static_cast<int*>(p.workspace);
+    if (cudaError_t err = cudaMemsetAsync(sched.counter, 0, sizeof(int), stream); err != cudaSuccess) return err;
+  }
   constexpr float kLog2e = 1.4426950408889634f;
   const bool has_softcap = p.softcap > 0.f;
 

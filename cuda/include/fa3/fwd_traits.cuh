@@ -101,6 +101,7 @@ struct FwdTraits {
     uint64_t bar_q_empty;        // consumers are done reading Q: the producer may load the next tile's
     TmaPipeline<kStages> pipe_k;
     TmaPipeline<kStages> pipe_v;
+    TileRing tiles;  // the dynamic walk's tiles (persistent grid, kVarlen; fa3/tile_scheduler.cuh)
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
   static_assert(kSmemBytes <= 227 * 1024, "forward tile does not fit in SMEM");

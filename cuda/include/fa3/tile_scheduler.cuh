@@ -19,16 +19,62 @@
 //    coarser, and an odd m-block count leaves lone middle tiles: with the 192-row tile at 2k queries (11 m-blocks,
 //    6 pairs per head, 132 SMs) whole CTAs got only lone tiles while the busiest ran 24 tiles against a mean of 21.3
 //    (NOTES_fwd.md v8: +10 % at that cell).
+//
+// Persistent grid, sequences of their own lengths (kVarlen): the work list holds only the tiles of existing rows,
+// sequence by sequence (each with its own m-block count, read on the device), head by head, as pairs {M-1-j, j} or
+// single tiles by the rule above, costliest sequences (by class) first. A grid over (m-blocks of the longest
+// sequence, head, sequence) would hand most CTAs empty tiles of short sequences and give the long sequence's tiles
+// to a few. Items cost what their sequence's length makes them, so they are handed out dynamically: CTA c starts with
+// item c and then takes the next value of a counter in the workspace. The producer's walking warp publishes each
+// tile to the consumers through a TileRing in SMEM (docs/kernels.md §2.9).
 #pragma once
 
 #include "cute/config.hpp"
+#include "cutlass/arch/barrier.h"
+
+#include "fa3/pipeline.cuh"
+#include "fa3/sequences.h"
 
 namespace fa3 {
+
+// The dynamic walk's tiles, from the producer's walking warp to the consumer warps, in SMEM: two slots, each with a
+// full barrier (one arrival: the publishing lane) and an empty one (one arrival per consumer warp).
+struct TileRing {
+  static constexpr int kSlots = 2;
+  int4 slot[kSlots];  // (m_block, head, batch); m_block < 0: the walk has ended
+  uint64_t full[kSlots];
+  uint64_t empty[kSlots];
+
+  CUTE_DEVICE void init(int consumer_warps) {
+    for (int s = 0; s < kSlots; ++s) {
+      cutlass::arch::ClusterBarrier::init(&full[s], 1);
+      cutlass::arch::ClusterBarrier::init(&empty[s], consumer_warps);
+    }
+  }
+  // One lane: waits until the consumers have read the slot's previous tile, then fills it.
+  CUTE_DEVICE void publish(PipeState<kSlots>& st, int m_block, int head, int batch) {
+    cutlass::arch::ClusterBarrier::wait(&empty[st.index], st.phase ^ 1u);
+    slot[st.index] = make_int4(m_block, head, batch, 0);
+    cutlass::arch::ClusterBarrier::arrive(&full[st.index]);
+    st.advance();
+  }
+  // Every thread of a consumer warp.
+  CUTE_DEVICE int4 take(PipeState<kSlots>& st) {
+    cutlass::arch::ClusterBarrier::wait(&full[st.index], st.phase);
+    const int4 t = slot[st.index];
+    warp_arrive(&empty[st.index]);
+    st.advance();
+    return t;
+  }
+};
 
 struct FwdTileScheduler {
   struct Tile {
     int m_block, head, batch;
   };
+  // Which side of the kernel walks: the producer finds the tiles, the consumers follow (the same walk, or with the
+  // dynamic walk the tiles the producer publishes).
+  enum class Role { kProducer, kConsumer };
   int num_m_blocks;
   int heads;
   int num_hb;        // heads * batch
@@ -37,12 +83,15 @@ struct FwdTileScheduler {
   int items;         // persistent grid: work items; CTA c takes c, c + ctas, ...
   int divisor;       // pairs: items per head; else m-blocks per head (flat tile index -> head)
   int doubled;       // flat tiles: items [0, doubled) hold two consecutive tiles, the rest one
+  int* counter;      // persistent grid with kVarlen: items handed out so far beyond the first gridDim.x (zeroed
+                     // before the launch)
+  int top_class;     // kVarlen: the cost class of the longest sequence (PackedWalk)
 
   // Host: the schedule of num_m_blocks x heads x batch tiles (see above; pair_blocks: the tile costs differ along
-  // the sequence) on at most num_sms CTAs.
-  static FwdTileScheduler make(int num_m_blocks, int heads, int batch, bool pair_blocks, bool persistent,
-                               int num_sms) {
-    FwdTileScheduler s{num_m_blocks, heads, heads * batch, pair_blocks, 0, 0, 0, 0};
+  // the sequence; num_n_blocks: the longest sequence's key blocks) on at most num_sms CTAs.
+  static FwdTileScheduler make(int num_m_blocks, int num_n_blocks, int heads, int batch, bool pair_blocks,
+                               bool persistent, int num_sms) {
+    FwdTileScheduler s{num_m_blocks, heads, heads * batch, pair_blocks, 0, 0, 0, 0, nullptr, cost_class(num_n_blocks)};
     const int tiles = num_m_blocks * s.num_hb;  // < 2^31: checked by the caller
     if (!persistent) {
       s.ctas = s.items = tiles;
@@ -59,10 +108,38 @@ struct FwdTileScheduler {
     return s;
   }
 
-  // Calls f(Tile) for each of this CTA's tiles, in order.
-  template <bool kPersistent, class F>
-  CUTE_DEVICE void for_each_tile(F&& f) const {
-    if constexpr (kPersistent) {
+  // Calls f(Tile) for each of this CTA's tiles, in order; the consumers see the producer's order. With kVarlen and
+  // the persistent grid every lane of the producer's walking warp must call it (the walk reads the sequences'
+  // lengths a warp at a time), and ring is where the tiles pass.
+  template <bool kPersistent, bool kVarlen, int kBlockM, int kBlockN, Role kRole, class F>
+  CUTE_DEVICE void for_each_tile(Sequences const& seqs, TileRing& ring, F&& f) const {
+    if constexpr (kPersistent && kVarlen && kRole == Role::kConsumer) {
+      PipeState<TileRing::kSlots> st;
+      for (int4 t = ring.take(st); t.x >= 0; t = ring.take(st)) f(Tile{t.x, t.y, t.z});
+    } else if constexpr (kPersistent && kVarlen) {
+      const bool lane0 = threadIdx.x % 32 == 0;
+      PipeState<TileRing::kSlots> st;
+      PackedWalk walk;
+      int idx = blockIdx.x;
+      for (;;) {
+        // Fetched one item ahead, so the atomic's latency hides behind this item's tiles.
+        int next = 0;
+        if (lane0) next = int(gridDim.x) + atomicAdd(counter, 1);
+        if (!walk.seek<kBlockM, kBlockN>(*this, seqs, idx)) break;
+        const int local = idx - walk.first;
+        const int head = local / walk.units;
+        const int j = local - head * walk.units;
+        const int count = pair_blocks && 2 * j + 1 != walk.m_blocks ? 2 : 1;
+        for (int t = 0; t < count; ++t) {
+          const Tile tile{t == 1 ? j : walk.m_blocks - 1 - j, head, walk.seq};
+          if (lane0) ring.publish(st, tile.m_block, tile.head, tile.batch);
+          __syncwarp();
+          f(tile);
+        }
+        idx = __shfl_sync(0xffffffffu, next, 0);
+      }
+      if (lane0) ring.publish(st, -1, 0, 0);
+    } else if constexpr (kPersistent) {
       for (int idx = blockIdx.x; idx < items; idx += gridDim.x) {
         // Pairs: pos = the pair's index (head * batch, j) in a grid of `divisor` pairs per head. Flat tiles: pos = the
         // first tile's flat index; the second is pos + 1 (the next head's last m-block after m-block 0).
@@ -84,6 +161,70 @@ struct FwdTileScheduler {
   }
 
   CUTE_DEVICE Tile make_tile(int m_block, int hb) const { return Tile{m_block, hb % heads, hb / heads}; }
+
+  // Work items per head of a sequence of m_blocks m-blocks.
+  CUTE_DEVICE int units_of(int m_blocks) const { return pair_blocks ? (m_blocks + 1) / 2 : m_blocks; }
+
+  // A sequence's cost class: floor(log2(key blocks)), 0 without keys. A tile's cost grows with its sequence's key
+  // blocks (all of them without a mask; about half on average, and a pair's about all, with causal).
+  static CUTE_HOST_DEVICE int cost_class(int n_blocks) {
+    int c = 0;
+    while (n_blocks >= 2 << c) ++c;
+    return c;
+  }
+
+  // Position in the packed work list: the sequences class by class, costliest class first (so the cheap items end
+  // the walk and even out the CTAs' finishing times, as longest-first scheduling does), in index order within a
+  // class. Sequence `seq` holds items [first, first + heads * units); the items of the classes above `cls` and of
+  // class cls's sequences in [0, next) come before `end`.
+  struct PackedWalk {
+    int seq = 0, m_blocks = 0, units = 0, first = 0;
+    int cls = -1, next = 0, end = 0;
+
+    // Moves to the sequence holding item idx (idx never decreases); false when the list ends before it. Whole
+    // warp: 32 sequences' lengths per step, a prefix sum and a vote; one pass over the lengths per class.
+    template <int kBlockM, int kBlockN>
+    CUTE_DEVICE bool seek(FwdTileScheduler const& s, Sequences const& seqs, int idx) {
+      const int lane = threadIdx.x % 32;
+      const int batch = s.num_hb / s.heads;
+      if (cls < 0) cls = s.top_class;
+      while (idx >= end) {
+        if (next >= batch) {
+          if (cls == 0) return false;
+          --cls;
+          next = 0;
+          continue;
+        }
+        const int b = next + lane;
+        int offset, len_q = 0, len_k = 0;
+        if (b < batch) {
+          seqs.q.extent(b, offset, len_q);
+          seqs.k.extent(b, offset, len_k);
+        }
+        const int blocks = (len_q + kBlockM - 1) / kBlockM;
+        const bool in_class = cost_class((len_k + kBlockN - 1) / kBlockN) == cls;
+        int upto = in_class ? s.heads * s.units_of(blocks) : 0;  // inclusive prefix over the lanes, from `end`
+        for (int d = 1; d < 32; d *= 2) {
+          const int below = __shfl_up_sync(0xffffffffu, upto, d);
+          if (lane >= d) upto += below;
+        }
+        const unsigned past = __ballot_sync(0xffffffffu, end + upto > idx);
+        if (past == 0) {
+          end += __shfl_sync(0xffffffffu, upto, 31);
+          next += 32;
+          continue;
+        }
+        const int hit = __ffs(past) - 1;
+        seq = next + hit;
+        m_blocks = __shfl_sync(0xffffffffu, blocks, hit);
+        units = s.units_of(m_blocks);
+        end += __shfl_sync(0xffffffffu, upto, hit);
+        first = end - s.heads * units;
+        next = seq + 1;
+      }
+      return true;
+    }
+  };
 };
 
 }  // namespace fa3

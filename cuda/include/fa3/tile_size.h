@@ -19,6 +19,10 @@
 
 namespace fa3 {
 
+// Whether the forward of head dims (d, d_v) runs the persistent grid (FwdTileSize::kPersistent says why); also asked
+// by the host when it sizes the workspace.
+constexpr bool fwd_persistent(int head_dim, int head_dim_v) { return head_dim <= 128 && head_dim_v <= 128; }
+
 // kBlockM_: 128, or 192 for the tall tile of head dim 64 (fwd_launch.cuh picks it per call).
 template <int kHeadDim, int kHeadDimV, int kBlockM_ = 128>
 struct FwdTileSize {
@@ -41,7 +45,7 @@ struct FwdTileSize {
   // and K while the consumers finish the current one. Needs O in its own SMEM buffer (Q's is being refilled): d <= 128 has the
   // room (d=128: Q 32 + O 32 + K 64 + V 64 KB = 192 KB), d >= 192 does not (216-224 KB without it) and keeps one
   // CTA per tile with O staged in Q's buffer.
-  static constexpr bool kPersistent = kHeadDim <= 128 && kHeadDimV <= 128;
+  static constexpr bool kPersistent = fwd_persistent(kHeadDim, kHeadDimV);
   static constexpr int kProducerRegs = kNumMmaWarpGroups == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kNumMmaWarpGroups == 2 ? 240 : 160;
 };
