@@ -3,10 +3,16 @@
   python examples/train_lm.py                      # fa3_jax attention (Hopper kernels on GPU, reference on CPU)
   python examples/train_lm.py --attention jax      # jax.nn.dot_product_attention instead
   python examples/train_lm.py --compare            # both, same init and data; checks the loss curves agree
+  python examples/train_lm.py --packed             # variable-length documents packed into rows (segment ids)
 
 --compare prints PASS or FAIL against a stated tolerance (exit status 1 on FAIL) and, when matplotlib is installed,
 writes a PNG of the loss curves (--plot). The corpus is generated (no downloads): sentences from a tiny grammar,
 tokenised by character.
+
+--packed cuts the corpus into documents of random lengths and packs them, whole, into the fixed-length rows of each
+batch: segment ids say which document a token belongs to (-1 for the padding at a row's end), positions restart at
+0 with every document (rotary), and the loss skips targets across document boundaries. fa3 attention takes the
+segment ids (documents never see each other, on the kernels); jax.nn gets the equivalent dense mask.
 """
 
 from __future__ import annotations
@@ -46,15 +52,21 @@ class Block(nnx.Module):
     self.mlp1 = nnx.Linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
     self.mlp2 = nnx.Linear(4 * dim, dim, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, packing=None):
+    """x (batch, seq, dim); packing: None, or (segment_ids, positions, max_segments) of packed documents."""
     h = self.ln1(x)
+    segment_ids, positions, max_segments = packing or (None, jnp.arange(x.shape[1]), None)
     if self.attention == "fa3":
-      a = self.attn(h)
+      a = self.attn(h, positions=positions, segment_ids=segment_ids, max_segments=max_segments)
     else:  # the same projections and rotary, with jax.nn's attention in the middle
       m = self.attn
       q, k, v = (f(h).astype(h.dtype if m.dtype is None else m.dtype) for f in (m.query, m.key, m.value))
-      q, k = fa3_nnx.apply_rotary(q, jnp.arange(q.shape[1])), fa3_nnx.apply_rotary(k, jnp.arange(k.shape[1]))
-      a = m.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+      q, k = fa3_nnx.apply_rotary(q, positions), fa3_nnx.apply_rotary(k, positions)
+      if segment_ids is None:
+        a = m.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+      else:  # causal within each document
+        same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids >= 0)[:, :, None]
+        a = m.out(jax.nn.dot_product_attention(q, k, v, mask=same[:, None], is_causal=True))
     x = x + a.astype(x.dtype)
     return x + self.mlp2(jax.nn.gelu(self.mlp1(self.ln2(x)))).astype(x.dtype)
 
@@ -65,11 +77,40 @@ class LM(nnx.Module):
     self.blocks = nnx.List([Block(dim, heads, kv_heads, attention, dtype, rngs) for _ in range(depth)])
     self.ln = nnx.LayerNorm(dim, rngs=rngs)
 
-  def __call__(self, tokens):
+  def __call__(self, tokens, packing=None):
     x = self.embed(tokens)
     for block in self.blocks:
-      x = block(x)
+      x = block(x, packing)
     return self.embed.attend(self.ln(x)).astype(jnp.float32)
+
+
+MIN_DOCUMENT = 8  # --packed: the shortest document, which bounds the documents per row (max_segments)
+
+
+def make_documents(data: np.ndarray, max_length: int, seed: int) -> list[np.ndarray]:
+  """The corpus cut into consecutive documents of random lengths in [MIN_DOCUMENT, max_length]."""
+  rng = np.random.default_rng(seed)
+  cuts = np.cumsum(rng.integers(MIN_DOCUMENT, max_length + 1, len(data) // MIN_DOCUMENT))
+  return np.split(data, cuts[cuts < len(data)])[:-1]
+
+
+def pack(documents: list[np.ndarray], first: int, batch: int, length: int):
+  """Rows of `length` tokens filled with whole documents from documents[first] on (cyclically), a row closed when
+  the next document does not fit. Returns tokens, segment_ids (a document's index within its row; -1 for the
+  padding) and positions (from 0 in every document), each (batch, length) int32, and the next document's index."""
+  tokens, positions = np.zeros((2, batch, length), np.int32)
+  segment_ids = np.full((batch, length), -1, np.int32)
+  i = first
+  for row in range(batch):
+    used = 0
+    for segment in range(length):
+      doc = documents[i % len(documents)]
+      if used + len(doc) > length:
+        break
+      rows = slice(used, used + len(doc))
+      tokens[row, rows], segment_ids[row, rows], positions[row, rows] = doc, segment, np.arange(len(doc))
+      used, i = used + len(doc), i + 1
+  return tokens, segment_ids, positions, i
 
 
 def train(args, attention: str, label: str | None = None) -> list[float]:
@@ -82,21 +123,39 @@ def train(args, attention: str, label: str | None = None) -> list[float]:
   model = LM(len(vocab), args.dim, args.depth, args.heads, args.kv_heads, attention, dtype, nnx.Rngs(args.seed))
   optimizer = nnx.Optimizer(model, optax.adamw(args.lr), wrt=nnx.Param)
 
+  # Packed rows hold documents of at least MIN_DOCUMENT tokens: a static bound, so one compilation serves all.
+  max_segments = (args.seq + 1) // MIN_DOCUMENT
+
   @nnx.jit
-  def step(model, optimizer, batch):
+  def step(model, optimizer, batch, segments):
+    """batch (b, seq + 1) tokens; segments None, or (segment_ids, positions) of the same shape (--packed)."""
     def loss_fn(model):
-      logits = model(batch[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+      packing = None if segments is None else (segments[0][:, :-1], segments[1][:, :-1], max_segments)
+      losses = optax.softmax_cross_entropy_with_integer_labels(model(batch[:, :-1], packing), batch[:, 1:])
+      if segments is None:
+        return losses.mean()
+      ids = segments[0]
+      within = (ids[:, 1:] == ids[:, :-1]) & (ids[:, :-1] >= 0)  # no target across documents or in padding
+      return jnp.sum(losses * within) / jnp.maximum(within.sum(), 1)
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
     return loss
 
   rng = np.random.default_rng(args.seed)
-  losses, tokens, start = [], 0, None
+  documents = make_documents(data, args.seq + 1, args.seed) if args.packed else None
+  losses, tokens, start, next_document = [], 0, None, 0
   for i in range(args.steps):
-    idx = rng.integers(0, len(data) - args.seq - 1, args.batch)
-    batch = jnp.asarray(np.stack([data[j:j + args.seq + 1] for j in idx]))
-    loss = float(step(model, optimizer, batch))
+    if args.packed:
+      batch, *segments, next_document = pack(documents, next_document, args.batch, args.seq + 1)
+      if i == 0:
+        counts = [len(np.unique(row[row >= 0])) for row in segments[0]]
+        print(f"packed: {sum(counts)} documents in {args.batch} rows of {args.seq + 1} tokens "
+              f"({np.mean(segments[0] < 0):.0%} padding), at most {max_segments} documents per row")
+      batch, segments = jnp.asarray(batch), tuple(map(jnp.asarray, segments))
+    else:
+      idx = rng.integers(0, len(data) - args.seq - 1, args.batch)
+      batch, segments = jnp.asarray(np.stack([data[j:j + args.seq + 1] for j in idx])), None
+    loss = float(step(model, optimizer, batch, segments))
     losses.append(loss)
     if i == 0:
       start = time.perf_counter()  # exclude compilation
@@ -115,6 +174,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--attention", choices=["fa3", "jax"], default="fa3")
   p.add_argument("--compare", action="store_true", help="train with both and compare the loss curves")
+  p.add_argument("--packed", action="store_true",
+                 help="pack variable-length documents into the rows, with segment ids and per-document positions")
   p.add_argument("--steps", type=int, default=150)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--seq", type=int, default=128)

@@ -78,12 +78,20 @@ class SequenceLayout:
   cu[b + 1] - cu[b] (packed) or seqlen (BSHD), clipped to [0, max_seqlen] and to the rows from offset(b) on, where
   max_seqlen is a packed side's static bound and a BSHD side's seqlen. No value of the arrays reaches outside the
   tensors; well-formed ones (cu nondecreasing from 0, cu[-1] <= total, seqused <= the allotment) do as documented.
+
+  A segmented layout (segments_q, segments_k: (batch, max_segments, 2) int32, nothing else) keeps both sides BSHD:
+  segment m of batch row b is the query rows [start, start + length) of that row, (start, length) =
+  segments_q[b, m], attending the key rows segments_k[b, m] of the same row. The shard-local ops run it as the
+  packing of the batch's rows back to back (`packing`), so batch and heads shard like a dense call's.
   """
 
   cu_seqlens_q: jax.Array | None = None
   cu_seqlens_k: jax.Array | None = None
   seqused_q: jax.Array | None = None
   seqused_k: jax.Array | None = None
+  # Segmented: both sides BSHD, each batch row holding several sequences (segments; see `packing`).
+  segments_q: jax.Array | None = None
+  segments_k: jax.Array | None = None
   max_seqlen_q: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed q only
   max_seqlen_k: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed k only
 
@@ -96,9 +104,26 @@ class SequenceLayout:
     return self.cu_seqlens_k is not None
 
   @property
+  def segmented(self) -> bool:
+    return self.segments_q is not None
+
+  @property
   def uniform(self) -> bool:
-    """Every sequence is its batch entry's whole seqlen (BSHD on both sides, no seqused)."""
-    return all(getattr(self, name) is None for name in SEQUENCE_ARRAYS)
+    """Every sequence is its batch entry's whole seqlen (BSHD on both sides, no seqused, no segments)."""
+    return all(getattr(self, name) is None for name in SEQUENCE_ARRAYS) and not self.segmented
+
+  def packing(self, seqlen_q: int, seqlen_k: int) -> "SequenceLayout":
+    """A segmented layout as the packed one of its batch's rows back to back, (batch * seqlen, heads, dim) per side:
+    batch * max_segments sequences, sequence b * max_segments + m being segment m of row b (offset
+    b * seqlen + start, seqused its length). The packing is well-formed when each row's starts are nondecreasing
+    and its segments disjoint, as `fa3_jax._segments` builds them; other values are clamped like any packing's."""
+    def side(segments, seqlen):
+      batch = segments.shape[0]
+      starts = segments[..., 0] + seqlen * jnp.arange(batch, dtype=jnp.int32)[:, None]
+      return jnp.append(starts.reshape(-1), jnp.int32(batch * seqlen)), segments[..., 1].reshape(-1)
+
+    (cu_q, used_q), (cu_k, used_k) = side(self.segments_q, seqlen_q), side(self.segments_k, seqlen_k)
+    return SequenceLayout(cu_q, cu_k, used_q, used_k, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k)
 
   def arrays(self) -> dict:
     """The arrays by name (absent ones None), in the kernels' operand order."""

@@ -196,7 +196,7 @@ def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int) 
   """The layout of n problems run as one, from their layout (every array with a leading axis of n). A packed side
   (rows_q / rows_k rows per copy) becomes one packing of n * batch sequences, copy i's offsets shifted by i * rows
   and every length explicit (seqused, clipped as in its copy), so that rows past a copy's cu_seqlens[-1] stay
-  uncovered; a BSHD side's seqused concatenate like its batch."""
+  uncovered; a BSHD side's seqused, and a segmented layout's segments, concatenate like its batch."""
   def side(name, rows):
     offset, length = sequences.extents(name, rows)
     if offset is None:
@@ -204,6 +204,9 @@ def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int) 
     shift = rows * jnp.arange(n, dtype=jnp.int32)[:, None]
     return jnp.append(_merge(offset + shift), jnp.int32(n * rows)), _merge(length)
 
+  if sequences.segmented:  # BSHD sides: the copies' rows (and their segments) are more batch rows
+    return dataclasses.replace(sequences, segments_q=_merge(sequences.segments_q),
+                               segments_k=_merge(sequences.segments_k))
   (cu_q, used_q), (cu_k, used_k) = side("q", rows_q), side("k", rows_k)
   return dataclasses.replace(sequences, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k)
 
@@ -307,7 +310,12 @@ def bwd_kernel(dout, q, k, v, out, lse, dlse=None, *, cfg: AttentionConfig,
 
 def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
   """(out, lse): the CUDA kernel on a GPU where one was built for these inputs, else the reference. q, k, v are
-  BSHD, or packed where `sequences` says so (fwd_kernel gives the shapes)."""
+  BSHD, or packed where `sequences` says so (fwd_kernel gives the shapes). A segmented layout runs as its packing:
+  it is shard-local here, so the batch may have been sharded above."""
+  if sequences.segmented:
+    # The batch's rows back to back: the same reshapes as n vmapped copies folded into one packing.
+    out, lse = attention_fwd(_merge(q), _merge(k), _merge(v), cfg, sequences.packing(q.shape[1], k.shape[1]))
+    return out.reshape(*q.shape[:-1], -1), _split_lse(lse, q.shape[0], packed=True)
   return _dispatch("fwd", lambda q, k, v, s: fwd_kernel(q, k, v, cfg, s),
                    lambda q, k, v, s: reference.varlen_forward(q, k, v, cfg, s),
                    q.dtype, q.shape[-1], v.shape[-1], q, k, v, sequences)
@@ -316,7 +324,13 @@ def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = Seq
 def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None,
                   sequences: SequenceLayout = SequenceLayout()):
   """(dq, dk, dv): the CUDA kernel on a GPU where one was built for these inputs, else the reference. dlse (lse's
-  cotangent, lse's shape, float32) is optional."""
+  cotangent, lse's shape, float32) is optional. A segmented layout runs as its packing, as in attention_fwd."""
+  if sequences.segmented:
+    grads = attention_bwd(*map(_merge, (dout, q, k, v, out)), _merge_lse(lse, packed=True), cfg,
+                          dlse=None if dlse is None else _merge_lse(dlse, packed=True),
+                          sequences=sequences.packing(q.shape[1], k.shape[1]))
+    return tuple(g.reshape(x.shape) for g, x in zip(grads, (q, k, v)))
+
   def kernel_bwd(dout, q, k, v, out, lse, dlse, sequences):
     return bwd_kernel(dout, q, k, v, out, lse, dlse, cfg=cfg, sequences=sequences)
 

@@ -252,11 +252,14 @@ def _int_vector(name: str, x, length: int | None, layout: str):
     raise TypeError(f"{name} must be an int32 array, got {_dtype_name(x)}")
   if x.ndim != 1 or (x.shape[0] < 1 if length is None else x.shape[0] != length):
     raise ValueError(f"{name} must have shape {layout}, got shape {tuple(x.shape)}")
-  known = _known(x)
+  _check_int32_values(name, _known(x))
+  return x
+
+
+def _check_int32_values(name: str, known: np.ndarray | None) -> None:
   int32 = np.iinfo(np.int32)
   if known is not None and known.size and (known.min() < int32.min or known.max() > int32.max):
     raise ValueError(f"{name} must hold int32 values, got values in [{known.min()}, {known.max()}]")
-  return x
 
 
 def _known(x) -> np.ndarray | None:
@@ -318,6 +321,74 @@ def sequence_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sequ
     _check_known_sequences(side, cu, u, bound, total)
   cu_q, cu_k, used_q, used_k = (None if x is None else jnp.asarray(x, jnp.int32) for x in (cu_q, cu_k, *used))
   return SequenceLayout(cu_q, cu_k, used_q, used_k, max_seqlen_q=bounds[0], max_seqlen_k=bounds[1])
+
+
+def _run_ids(row: np.ndarray) -> np.ndarray:
+  """The ids of a row's runs of equal non-negative ids, in order."""
+  first = (row >= 0) & np.concatenate([[True], row[1:] != row[:-1]])
+  return row[first]
+
+
+def _check_known_segment_ids(name: str, ids: np.ndarray, max_segments: int) -> list[np.ndarray]:
+  """Each row's run ids, after checking that every id forms one run and that max_segments bounds the runs."""
+  runs = [_run_ids(row) for row in ids]
+  for b, r in enumerate(runs):
+    unique, counts = np.unique(r, return_counts=True)
+    if (counts > 1).any():
+      raise ValueError(f"{name} must hold each segment's id in one contiguous run per batch row, got id "
+                       f"{unique[_first(counts > 1)]} in {counts.max()} runs in row {b}")
+    if len(r) > max_segments:
+      raise ValueError(f"max_segments = {max_segments} must bound the segments of every batch row, got {len(r)} "
+                       f"segments in row {b} of {name}")
+  return runs
+
+
+def segment_ids(q_segment_ids, kv_segment_ids, max_segments, batch: int, seqlen_q: int, seqlen_k: int):
+  """None without segment ids, else (q_ids (batch, seqlen_q), kv_ids (batch, seqlen_k), max_segments): int32 arrays
+  (one object for both when only one was given, which needs seqlen_q == seqlen_k) and the static bound, by default
+  max(seqlen_q, seqlen_k), which no row can exceed. Ids known at trace time are checked: each id one contiguous
+  run per row, at most max_segments runs, and ids shared by q_segment_ids and kv_segment_ids in the same order."""
+  if kv_segment_ids is q_segment_ids and seqlen_q == seqlen_k:
+    kv_segment_ids = None  # the same ids for both: self-attention
+  if q_segment_ids is None and kv_segment_ids is None:
+    if max_segments is not None:
+      raise ValueError(f"max_segments bounds the segments of q_segment_ids / kv_segment_ids, but neither was given; "
+                       f"got max_segments={max_segments!r}")
+    return None
+  if (q_segment_ids is None or kv_segment_ids is None) and seqlen_q != seqlen_k:
+    given = "q_segment_ids" if kv_segment_ids is None else "kv_segment_ids"
+    raise ValueError(f"{given} alone serves queries and keys only when seqlen_q == seqlen_k; pass both "
+                     f"q_segment_ids (batch, seqlen_q) and kv_segment_ids (batch, seqlen_k), got seqlen_q={seqlen_q}, "
+                     f"seqlen_k={seqlen_k}")
+  max_segments = (max(seqlen_q, seqlen_k) if max_segments is None
+                  else check_int("max_segments", max_segments, 1))
+  checked = []
+  for name, ids, seqlen in (("q_segment_ids", q_segment_ids, seqlen_q), ("kv_segment_ids", kv_segment_ids, seqlen_k)):
+    if ids is None:
+      checked.append(None)
+      continue
+    ids = as_array(name, ids)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise TypeError(f"{name} must be an int32 array, got {_dtype_name(ids)}")
+    if tuple(ids.shape) != (batch, seqlen):
+      side = "q" if name.startswith("q") else "k"
+      raise ValueError(f"{name} must have shape (batch, seqlen_{side}) = {(batch, seqlen)}, got shape "
+                       f"{tuple(ids.shape)}")
+    known = _known(ids)
+    _check_int32_values(name, known)
+    runs = None if known is None else _check_known_segment_ids(name, known, max_segments)
+    checked.append((jnp.asarray(ids, jnp.int32), runs))
+  if None in checked:  # one array for both, as one object: self-attention needs no matching of key runs
+    (q_ids, _), = [c for c in checked if c is not None]
+    return q_ids, q_ids, max_segments
+  (q_ids, runs_q), (kv_ids, runs_k) = checked
+  if runs_q is not None and runs_k is not None:
+    for b, (rq, rk) in enumerate(zip(runs_q, runs_k)):
+      shared_q, shared_k = rq[np.isin(rq, rk)], rk[np.isin(rk, rq)]
+      if (shared_q != shared_k).any():
+        raise ValueError(f"kv_segment_ids must list the segments it shares with q_segment_ids in the same order, got "
+                         f"ids {shared_k.tolist()} in row {b} where q_segment_ids has {shared_q.tolist()}")
+  return q_ids, kv_ids, max_segments
 
 
 def check_broadcastable(name: str, x, shape: tuple):

@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from fa3_jax import _ops
+from fa3_jax import _segments
 from fa3_jax import _validate
 from fa3_jax import _vma
 from fa3_jax import sharding
@@ -63,8 +64,28 @@ def _empty_result(q, v, return_lse, sequences: SequenceLayout = SequenceLayout()
   return (out, lse) if return_lse else out
 
 
+def _attention_under(cfg: AttentionConfig, q, k, v, sequences: SequenceLayout = SequenceLayout()):
+  """The custom_vjp on q, k, v under `sequences`. Inside shard_map(check_vma=True) its cotangents must have their
+  primals' types, so the inputs first get matching varying axes; the sequence arrays vary like q too, so that
+  everything computed from them does."""
+  leaves, tree = jax.tree.flatten(sequences)
+  q, k, v, *leaves = _vma.match_varying_axes(q, k, v, *leaves)
+  return _attention(cfg, q, k, v, jax.tree.unflatten(tree, leaves))
+
+
+def segment_attention(cfg: AttentionConfig, q, k, v, q_ids, kv_ids, max_segments: int):
+  """(out, lse) of BSHD q, k, v where tokens attend only within their segment (flash_attn_func's q_segment_ids);
+  q_ids / kv_ids are checked int32 arrays (one object for self-attention, see _validate.segment_ids). Rows of a
+  batch entry with more segments than max_segments, which the fixed-size layout cannot hold, give NaN."""
+  sequences, overflow = _segments.segment_layout(q_ids, kv_ids, max_segments)
+  out, lse = _attention_under(cfg, q, k, v, sequences)
+  # Leaving the excess segments out would silently give their rows 0 and -inf; NaN reaches any loss instead.
+  return jnp.where(overflow[:, None, None, None], jnp.nan, out), jnp.where(overflow[:, None, None], jnp.nan, lse)
+
+
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    deterministic=False, return_lse=False):
+                    deterministic=False, return_lse=False, q_segment_ids=None, kv_segment_ids=None,
+                    max_segments=None):
   """Exact attention, FlashAttention-3 interface, differentiable in q, k, v.
 
   Args:
@@ -88,11 +109,29 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
       orders the dQ accumulation and costs about 35% of backward throughput at 8k tokens (up to ~45% at 2k; head
       dim 128, H200).
     return_lse: also return lse.
+    q_segment_ids, kv_segment_ids: optional int32 (batch, seqlen_q) / (batch, seqlen_k) arrays, traced or not, for
+      packed documents: each batch row holds segments, contiguous runs of one non-negative id, and a token attends
+      only to the keys of its own segment in its own row (the key run with its id). Negative ids mark padding. One
+      of them alone serves both sides when seqlen_q == seqlen_k. causal and window_size apply within each segment,
+      bottom-right aligned between its query run and key run, as flash_attn_varlen_func does per sequence (for
+      self-attention the two runs coincide, so this is plain causal attention per document). Where both are given,
+      ids present on both sides must come in the same order. Keep padding tokens' k and v finite (zeros are
+      fine): as in flash_attn_varlen_func, the kernels multiply them by zero probabilities inside a tile.
+    max_segments: static int >= 1, an upper bound on the segments (runs) of any row of either ids array; default
+      max(seqlen_q, seqlen_k), always enough but it makes the kernel grids (and the reference's padded batch)
+      batch * seqlen sequences large: setting it to the real bound is the fast path. A row with more segments gives
+      NaN in all its rows of out and lse (ValueError at trace time when the ids are known then).
 
   Returns:
     out (batch, seqlen_q, heads, head_dim_v) in the input dtype; with return_lse=True, (out, lse) with lse
     (batch, heads, seqlen_q) float32, the natural-log logsumexp of the scaled, softcapped, masked scores. A query row
-    with no visible key gives out = 0 and lse = -inf.
+    with no visible key gives out = 0 and lse = -inf; so do padding rows (negative segment id) and rows of a segment
+    whose id has no key run, all with zero gradients.
+
+  Segment ids known at trace time (NumPy arrays, non-traced jax arrays) are checked: integer dtype, shape, each id
+  one contiguous run per row, at most max_segments runs, shared ids in the same order. Traced ones cannot be, and
+  malformed values give unspecified results, never out-of-bounds accesses. They run as one packing of the batch's
+  rows (the varlen kernels), under jit, vmap, grad, remat, shard_map and batch / head sharding.
 
   Raises TypeError / ValueError at trace time for bad arguments, naming them, and NotImplementedError for
   unsupported head dim pairs and for second-order derivatives (grad of grad, jvp of grad).
@@ -100,15 +139,16 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
   _validate.check_qkv(q, k, v)
   cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
   return_lse = _validate.check_bool("return_lse", return_lse)
+  segments = _validate.segment_ids(q_segment_ids, kv_segment_ids, max_segments, q.shape[0], q.shape[1], k.shape[1])
   if 0 in q.shape[:3] or k.shape[1] == 0:
     return _empty_result(q, v, return_lse)
-  # Inside shard_map(check_vma=True) the custom_vjp's cotangents must have their primals' types.
-  out, lse = _attention(cfg, *_vma.match_varying_axes(q, k, v))
+  out, lse = _attention_under(cfg, q, k, v) if segments is None else segment_attention(cfg, q, k, v, *segments)
   return (out, lse) if return_lse else out
 
 
 def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                              deterministic=False, return_lse=False):
+                              deterministic=False, return_lse=False, q_segment_ids=None, kv_segment_ids=None,
+                              max_segments=None):
   """flash_attn_func on a packed qkv of shape (batch, seqlen, 3, heads, head_dim) float16 | bfloat16; same
   keywords, results and limits, with errors about the array naming qkv.
 
@@ -117,7 +157,8 @@ def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, window_size
   _validate.check_qkvpacked(qkv)
   return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softmax_scale=softmax_scale, causal=causal,
                          window_size=window_size, softcap=softcap, deterministic=deterministic,
-                         return_lse=return_lse)
+                         return_lse=return_lse, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                         max_segments=max_segments)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
@@ -166,11 +207,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
   return_lse = _validate.check_bool("return_lse", return_lse)
   if 0 in (*q.shape[:2], k.shape[0], sequences.cu_seqlens_q.shape[0] - 1):
     return _empty_result(q, v, return_lse, sequences)
-  # Inside shard_map(check_vma=True) the custom_vjp's cotangents must have their primals' types; the sequence
-  # arrays vary like q too, so that everything computed from them does.
-  leaves, tree = jax.tree.flatten(sequences)
-  q, k, v, *leaves = _vma.match_varying_axes(q, k, v, *leaves)
-  out, lse = _attention(cfg, q, k, v, jax.tree.unflatten(tree, leaves))
+  out, lse = _attention_under(cfg, q, k, v, sequences)
   return (out, lse) if return_lse else out
 
 

@@ -9,13 +9,19 @@ What runs where:
   * no mask, is_causal, local_window_size, and dense masks whose values are known when tracing and that are
     causal/window-shaped (e.g. flax's make_causal_mask, even inside jit): the fa3 custom_vjp (CUDA kernel on a Hopper
     GPU, the blockwise reference elsewhere). The dense mask is read once at trace time and never reaches the kernel.
-  * query_seq_lengths / key_value_seq_lengths, and known padding-shaped masks (query validity x key validity, with an
-    optional window): a dense float32 pure-JAX path, until varlen kernels land.
-  * bias, and masks that are data-dependent or of any other shape: the same dense float32 path (O(T * S) memory per
-    head, like jax.nn's XLA implementation).
+  * query_seq_lengths / key_value_seq_lengths, and known padding masks whose valid positions are a prefix of each
+    row (with an optional window): the same custom_vjp with per-batch lengths (seqused, docs/integration.md §4.8),
+    wherever the kernels' alignment provably agrees with jax.nn's (see `_kernel_lengths`): always without causal or
+    window; with them when every batch entry's lengths differ by the same known amount, e.g. the same lengths array
+    passed for both with T == S, or lengths known at trace time; and always when only query_seq_lengths is given.
+    Otherwise the dense float32 path below.
+  * bias, and masks that are data-dependent or of any other shape: a dense float32 pure-JAX path (O(T * S) memory
+    per head, like jax.nn's XLA implementation).
 
-Differences from jax.nn (implementation="xla"), all in degenerate cases: a query row that sees no key gives output 0
-(jax.nn averages all values there, except for rows beyond query_seq_lengths, which both zero) and residual -inf.
+Rows beyond query_seq_lengths match jax.nn exactly: output 0 and, as residual, the logsumexp of jax.nn's masked
+logits (-0.7 * float32's max, in key's dtype: -inf in float16); so does the residual of every row that sees no key.
+The one difference from jax.nn (implementation="xla"), a degenerate case: a query row within query_seq_lengths that
+sees no key gives output 0, where jax.nn averages all values (padded keys included).
 """
 
 from __future__ import annotations
@@ -28,17 +34,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from fa3_jax import _validate
-from fa3_jax import _vma
 from fa3_jax._config import AttentionConfig
+from fa3_jax._config import SequenceLayout
 from fa3_jax._config import visible
-from fa3_jax.attention import _attention
+from fa3_jax.attention import _attention_under
 from fa3_jax.attention import _empty_result
+from fa3_jax.attention import segment_attention
 
 # Masks computed inside a traced function from shapes alone (iota, compares, broadcasts) are evaluated at trace
 # time if they take at most this many operations and elements.
 _MAX_FOLDED_EQNS = 256
 _MAX_FOLDED_ELEMENTS = 1 << 26
 _KERNEL_DTYPES = ("float16", "bfloat16", "float32")  # float32 runs on the reference inside the same custom_vjp
+# jax.nn's residual for a row whose logits are all masked: its masking value, which logsumexp returns unchanged
+# (float32 cannot resolve + log(S) at this magnitude); computed as jax.nn computes it.
+_JAX_NN_MASKED_LSE = np.asarray(-0.7 * np.finfo(np.float32).max, np.float32)
 
 
 # ---- masks known at trace time --------------------------------------------------------------------------------
@@ -166,16 +176,23 @@ def _ensure_4d(x):
 class Masking:
   """Everything that restricts attention, in top-left terms (see MaskStructure); dense parts force the dense path.
 
-  q_valid (batch, T) and kv_valid (batch, S) bool arrays (traced or not); dense_mask bool broadcastable to
+  q_lengths / kv_lengths (batch,) int32 arrays (traced or not): query rows / keys at or past them take no part.
+  q_valid (batch|1, T) and kv_valid (batch|1, S) bool arrays (traced or not); dense_mask bool broadcastable to
   (batch, heads, T, S); bias broadcastable to (batch, heads, T, S).
+  segments: (ids, ids, max_segments) from _validate.segment_ids, for self-attention (T == S) with nothing else but
+  the window: tokens attend only within their segment (flash_attn_func's q_segment_ids). A segment's query and key
+  runs coincide, so jax.nn's top-left window within it is the kernels' bottom-right one.
   """
 
   left: int | None = None
   right: int | None = None
+  q_lengths: object = None
+  kv_lengths: object = None
   q_valid: object = None
   kv_valid: object = None
   dense_mask: object = None
   bias: object = None
+  segments: tuple | None = None
 
   def with_structure(self, st: MaskStructure) -> "Masking":
     return dataclasses.replace(self, left=_min_bound(self.left, st.left), right=_min_bound(self.right, st.right),
@@ -184,7 +201,26 @@ class Masking:
 
   @property
   def kernel_expressible(self) -> bool:
+    """Nothing but a window and lengths (whose alignment `_kernel_lengths` still has to check)."""
     return self.q_valid is None and self.kv_valid is None and self.dense_mask is None and self.bias is None
+
+  def with_prefix_validity_as_lengths(self, batch: int) -> "Masking":
+    """Concrete q_valid / kv_valid whose valid positions are a prefix of every row (a padding mask) become lengths,
+    which the kernels take; others stay."""
+    lengths = {}
+    for side in ("q", "kv"):
+      valid = getattr(self, f"{side}_valid")
+      if isinstance(valid, np.ndarray) and (np.diff(valid.astype(np.int8), axis=-1) <= 0).all():
+        n = np.broadcast_to(valid.sum(axis=-1), (batch,)).astype(np.int32)
+        known = getattr(self, f"{side}_lengths")
+        lengths |= {f"{side}_valid": None, f"{side}_lengths": n if known is None else jnp.minimum(known, n)}
+    return dataclasses.replace(self, **lengths)
+
+  def validity(self, t: int, s: int):
+    """(q_valid, kv_valid) with the lengths folded in, for the dense path (None where every position is valid)."""
+    def side(valid, lengths, n):
+      return _and_valid(valid, None if lengths is None else jnp.arange(n)[None, :] < lengths[:, None])
+    return side(self.q_valid, self.q_lengths, t), side(self.kv_valid, self.kv_lengths, s)
 
 
 def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: float = 0.0):
@@ -204,12 +240,77 @@ def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: fl
   # Bounds that exclude nothing become unbounded, so that windows of any size stay within int32 arithmetic.
   masking = dataclasses.replace(masking, left=None if masking.left is None or masking.left >= t - 1 else masking.left,
                                 right=None if masking.right is None or masking.right >= s - 1 else masking.right)
-  # Top-left windows in bottom-right terms (docs/integration.md §7).
-  cfg = AttentionConfig(softmax_scale=scale, window_left=None if masking.left is None else masking.left + s - t,
-                        window_right=None if masking.right is None else masking.right + t - s, softcap=softcap)
-  if masking.kernel_expressible and _has_flash_path(q, k, v):
-    return _attention(cfg, *_vma.match_varying_axes(q, k, v))
-  return _dense_attention(q, k, v, masking, cfg)
+  if masking.segments is not None:
+    if _has_flash_path(q, k, v):
+      return segment_attention(_config(masking, scale, softcap, shift=0), q, k, v, *masking.segments)
+    ids = masking.segments[0]
+    same_segment = (ids[:, :, None] == ids[:, None, :]) & (ids >= 0)[:, :, None]
+    masking = dataclasses.replace(masking, segments=None, dense_mask=same_segment[:, None])
+  masking = masking.with_prefix_validity_as_lengths(b)
+  lengths = _kernel_lengths(masking, t, s) if masking.kernel_expressible and _has_flash_path(q, k, v) else None
+  if lengths is None:
+    return _dense_attention(q, k, v, masking, _config(masking, scale, softcap, shift=s - t))
+  used_q, used_k, shift = lengths
+  out, lse = _attention_under(_config(masking, scale, softcap, shift), q, k, v,
+                              SequenceLayout(seqused_q=used_q, seqused_k=used_k))
+  if masking.q_lengths is None:
+    return out, lse
+  # The kernels may have run every query row (see _kernel_lengths): those past q_lengths are padding, 0 and -inf;
+  # the where also keeps their gradients at 0.
+  q_valid = jnp.arange(t)[None, :] < masking.q_lengths[:, None]
+  return jnp.where(q_valid[:, :, None, None], out, 0), jnp.where(q_valid[:, None, :], lse, -jnp.inf)
+
+
+def _config(masking: Masking, scale: float, softcap: float, shift: int) -> AttentionConfig:
+  """masking's top-left window in the kernels' bottom-right terms, for sequences whose used key length exceeds
+  their used query length by `shift` (docs/integration.md §7): query i's bottom-right diagonal is i + shift, so
+  top-left's i - left <= j <= i + right is window_left = left + shift, window_right = right - shift."""
+  return AttentionConfig(softmax_scale=scale, window_left=None if masking.left is None else masking.left + shift,
+                         window_right=None if masking.right is None else masking.right - shift, softcap=softcap)
+
+
+def _kernel_lengths(masking: Masking, t: int, s: int):
+  """(seqused_q, seqused_k, shift): how the kernels take masking's lengths with jax.nn's top-left alignment, or None
+  where they provably cannot (the caller then runs the dense path).
+
+  The kernels align windows bottom-right on each batch entry's used lengths (lq, lk), i.e. on the diagonal
+  i + lk - lq, while jax.nn aligns them top-left, on i, whatever the lengths. One static window serves every batch
+  entry only if the shift lk - lq is the same for all of them and known at trace time. Keys past kv_lengths must be
+  invisible, so lk is kv_lengths (or S); the queries may use q_lengths (the kernels then skip the padded rows) or
+  all T rows (the caller zeroes the rows past q_lengths afterwards): the first for which the shift is provably
+  constant. Without a window the shift does not matter.
+  """
+  q_lengths, kv_lengths = masking.q_lengths, masking.kv_lengths
+  if masking.left is None and masking.right is None:
+    return _as_seqused(q_lengths), _as_seqused(kv_lengths), 0
+  for used_q in (None,) if q_lengths is None else (q_lengths, None):
+    shift = _constant_difference(s if kv_lengths is None else kv_lengths, s, t if used_q is None else used_q, t)
+    if shift is not None:
+      return _as_seqused(used_q), _as_seqused(kv_lengths), shift
+  return None
+
+
+def _as_seqused(lengths):
+  return None if lengths is None else jnp.asarray(lengths, jnp.int32)
+
+
+def _known_lengths(x, rows: int) -> np.ndarray | None:
+  """A side's row count (an int) or (batch,) lengths as the kernels use them, clipped to [0, rows], where known at
+  trace time."""
+  value = x if isinstance(x, int) else concrete_value(x)
+  return None if value is None else np.clip(np.asarray(value, np.int64), 0, rows)
+
+
+def _constant_difference(a, rows_a: int, b, rows_b: int) -> int | None:
+  """a - b (each a side's row count or its (batch,) lengths, see _known_lengths) when it provably is one number for
+  every batch entry: the same array object on sides of equal rows, or values known at trace time. Else None."""
+  if a is b and rows_a == rows_b:
+    return 0
+  known_a, known_b = _known_lengths(a, rows_a), _known_lengths(b, rows_b)
+  if known_a is None or known_b is None:
+    return None
+  difference = np.unique(known_a - known_b)
+  return int(difference[0]) if difference.size == 1 else None
 
 
 def _has_flash_path(q, k, v) -> bool:
@@ -240,10 +341,11 @@ def _dense_attention(q, k, v, masking: Masking, cfg: AttentionConfig):
   if masking.bias is not None:
     logits = logits + grouped(masking.bias).astype(jnp.float32)
   attend = visible(jnp.arange(t)[:, None], jnp.arange(s)[None, :], t, s, cfg)[None, None, None]
-  if masking.q_valid is not None:
-    attend = attend & jnp.asarray(masking.q_valid, bool)[:, None, None, :, None]
-  if masking.kv_valid is not None:
-    attend = attend & jnp.asarray(masking.kv_valid, bool)[:, None, None, None, :]
+  q_valid, kv_valid = masking.validity(t, s)
+  if q_valid is not None:
+    attend = attend & jnp.asarray(q_valid, bool)[:, None, None, :, None]
+  if kv_valid is not None:
+    attend = attend & jnp.asarray(kv_valid, bool)[:, None, None, None, :]
   if masking.dense_mask is not None:
     attend = attend & grouped(jnp.asarray(masking.dense_mask, bool))
   attend = jnp.broadcast_to(attend, logits.shape)
@@ -282,13 +384,17 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
       float32_max / (H * 65504**2 * log2(e)) (larger scales could overflow float32 scores; see flash_attn_func).
     is_causal: top-left causal: query i sees key j iff j <= i (jax.nn's convention; fa3_jax.flash_attn_func is
       bottom-right). With T != S this is AttentionConfig(window_right=T - S).
-    query_seq_lengths: optional (B,) int32; query rows at or beyond the length output zeros.
-    key_value_seq_lengths: optional (B,) int32; keys at or beyond the length are invisible. Both lengths run on the
-      dense float32 path until varlen kernels land.
+    query_seq_lengths: optional (B,) int32; query rows at or beyond the length output zeros (and zero gradients).
+    key_value_seq_lengths: optional (B,) int32; keys at or beyond the length are invisible. Lengths run on the
+      kernels (per-batch seqused) where their alignment provably matches jax.nn's top-left one (see the module
+      docstring): always without is_causal / local_window_size, always with only query_seq_lengths, and with
+      both when the same array is passed for both (T == S) or the lengths are known at trace time; else the dense
+      float32 path.
     local_window_size: int w or (left, right): query i sees keys i - left ... i + right (inclusive).
     implementation: None or "fa3" (this library), or "xla" / "cudnn" to call jax.nn.dot_product_attention.
     return_residual: also return the logsumexp, (B, T, N) or (T, N), in key's dtype, without gradient (jax.nn's
-      layout and behaviour; lse is -inf for rows that see no key).
+      layout and behaviour; rows that see no key, those beyond query_seq_lengths included, give jax.nn's value
+      there, the masking value -0.7 * float32's max cast to key's dtype: -inf in float16).
 
   Returns:
     (B, T, N, H_v) (or (T, N, H_v)) in query's dtype; with return_residual, (out, residual).
@@ -326,10 +432,11 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   masking = Masking(left=left, right=_min_bound(right, 0 if is_causal else None))
   q_lengths = _validate.check_seq_lengths("query_seq_lengths", query_seq_lengths, b)
   kv_lengths = _validate.check_seq_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
-  if q_lengths is not None:
-    masking = dataclasses.replace(masking, q_valid=jnp.arange(t)[None, :] < q_lengths[:, None])
-  if kv_lengths is not None:
-    masking = dataclasses.replace(masking, kv_valid=jnp.arange(s)[None, :] < kv_lengths[:, None])
+  # One array passed for both (self-attention padding) stays one object: _kernel_lengths can then prove that the
+  # kernels' per-sequence alignment equals jax.nn's even for traced lengths.
+  if key_value_seq_lengths is query_seq_lengths:
+    kv_lengths = q_lengths
+  masking = dataclasses.replace(masking, q_lengths=q_lengths, kv_lengths=kv_lengths)
   if bias is not None:
     bias = _validate.check_broadcastable("bias", _ensure_4d(_validate.as_array("bias", bias)), (b, n, t, s))
     masking = dataclasses.replace(masking, bias=bias)
@@ -347,4 +454,5 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     out, lse = out[0], lse[0]
   if not return_residual:
     return out
+  lse = jnp.where(jnp.isneginf(lse), _JAX_NN_MASKED_LSE, lse)  # rows that see no key, as jax.nn
   return out, jax.lax.stop_gradient(jnp.swapaxes(lse, -1, -2).astype(k.dtype))

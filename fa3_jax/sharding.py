@@ -19,6 +19,8 @@ any layout needs, since several shards then read the same kv head).
 
 Variable-length calls (a SequenceLayout that is not uniform) shard over heads only: their sequences run along the
 token axes, so those, the batch and the cu_seqlens / seqused arrays stay replicated (docs/integration.md §4.8).
+Segmented layouts (segment ids) keep the batch axis, each row's segments within it: they shard over batch and heads,
+their segment arrays sharded with the batch, and each shard packs its own rows (`_ops.attention_fwd`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ class Layout:
     return P(_entry(self.batch), _entry(self.heads), _entry(self.seq))
 
   @property
+  def sequences_spec(self):
+    """The sequence layout's arrays: split with the batch (a segmented layout's (batch, segments, 2)), else
+    replicated (the batch never shards under cu_seqlens / seqused)."""
+    return P(_entry(self.batch)) if self.batch else P()
+
+  @property
   def trivial(self) -> bool:
     return not (self.batch or self.seq or self.heads)
 
@@ -97,7 +105,7 @@ class Layout:
 def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout = SequenceLayout()) -> Layout:
   """Layout from q's partition spec: axes that do not divide their dimension are dropped (XLA then gathers that
   dimension), a sharded head_dim is gathered, and K/V heads follow q's heads when they divide evenly. Under a
-  sequence layout that is not uniform only the heads shard."""
+  sequence layout that is not uniform only the heads shard, and the batch too when it is segmented."""
   spec = tuple(q_spec) + (None,) * (len(q_shape) - len(tuple(q_spec)))
   sizes = {a: int(s) for a, s in dict(mesh_shape).items()}
   h, hk = q_shape[-2], k_shape[-2]
@@ -108,7 +116,7 @@ def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout = Seque
     return axes if all(d % n == 0 for d in dims) else ()
 
   uniform = sequences.uniform
-  batch = take(spec[0], q_shape[0]) if uniform else ()
+  batch = take(spec[0], q_shape[0]) if uniform or sequences.segmented else ()
   seq = take(spec[1], q_shape[1], k_shape[1]) if uniform else ()
   heads = take(spec[-2], h)
   kv_heads = heads if hk % math.prod(sizes[a] for a in heads) == 0 else ()
@@ -204,15 +212,16 @@ def _reshard(x, spec):
   return x if jax.typeof(x).sharding.spec == spec else jax.sharding.reshard(x, spec)
 
 
-def _replicated(sequences: SequenceLayout) -> SequenceLayout:
-  return jax.tree.map(lambda x: _reshard(x, P()), sequences)
+def _resharded_sequences(sequences: SequenceLayout, layout: Layout) -> SequenceLayout:
+  return jax.tree.map(lambda x: _reshard(x, layout.sequences_spec), sequences)
 
 
 def _explicit_fwd(mesh, layout, q, k, v, sequences, cfg):
   body = functools.partial(local_fwd, cfg=cfg, layout=layout)
   q, k, v = _reshard(q, layout.q_spec), _reshard(k, layout.kv_spec), _reshard(v, layout.kv_spec)
-  return jax.shard_map(body, mesh=mesh, in_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec, P()),
-                       out_specs=(layout.q_spec, layout.lse_spec))(q, k, v, _replicated(sequences))
+  return jax.shard_map(body, mesh=mesh, in_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec,
+                                                  layout.sequences_spec),
+                       out_specs=(layout.q_spec, layout.lse_spec))(q, k, v, _resharded_sequences(sequences, layout))
 
 
 def _explicit_bwd(mesh, layout, dout, q, k, v, out, lse, dlse, sequences, cfg):
@@ -221,8 +230,9 @@ def _explicit_bwd(mesh, layout, dout, q, k, v, out, lse, dlse, sequences, cfg):
            layout.lse_spec)
   args = [None if x is None else _reshard(x, s) for x, s in zip((dout, q, k, v, out, lse, dlse), specs)]
   body = functools.partial(local_bwd, cfg=cfg, layout=layout)
-  grads = jax.shard_map(body, mesh=mesh, in_specs=(*specs, P()),
-                        out_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec))(*args, _replicated(sequences))
+  grads = jax.shard_map(body, mesh=mesh, in_specs=(*specs, layout.sequences_spec),
+                        out_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec))(
+                            *args, _resharded_sequences(sequences, layout))
   # Cotangents must carry their primals' types (shardings included).
   return tuple(_reshard(g, s) for g, s in zip(grads, originals))
 
@@ -254,8 +264,9 @@ def _heads_factors(mesh, h: int, hk: int):
 @dataclasses.dataclass(frozen=True)
 class _Factors:
   """Shardy rule fragments of one call: q-like tensors ("b s H dim", packed "s H dim"), k-like ones, lse, the
-  sequence-layout operands (cu_seqlens: batch + 1 entries, factor c; seqused: the batch factor b), and the factors
-  that need replication: the head dims, and under a non-uniform sequence layout all but the heads."""
+  sequence-layout operands (cu_seqlens: batch + 1 entries, factor c; seqused: the batch factor b; segments: "b m x",
+  batch, segment, (start, length)), and the factors that need replication: the head dims, and under a non-uniform
+  sequence layout all but the heads (and the batch, when segmented)."""
   hq: str
   hkv: str
   packed_q: bool
@@ -283,9 +294,12 @@ class _Factors:
 
 def _factors(mesh, q_type, k_type, sequences: SequenceLayout) -> _Factors:
   hq, hkv, sizes = _heads_factors(mesh, q_type.shape[-2], k_type.shape[-2])
-  operands = tuple("c" if name.startswith("cu_") else "b" for name, x in sequences.arrays().items() if x is not None)
-  return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands,
-                  frozenset("de" if sequences.uniform else "debstc"), sizes)
+  # One rule fragment per leaf of the layout, in its pytree order (the dataclass's field order).
+  kinds = {"cu_seqlens": "c", "seqused": "b", "segments": "b m x"}
+  operands = tuple(kinds[field.name.rsplit("_", 1)[0]] for field in dataclasses.fields(sequences)
+                   if not field.metadata.get("static") and getattr(sequences, field.name) is not None)
+  replicated = "de" if sequences.uniform else "destmx" if sequences.segmented else "debstc"
+  return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands, frozenset(replicated), sizes)
 
 
 # The partitioned functions take the sequence layout flattened: its treedef (static: which arrays are present, the
@@ -304,7 +318,7 @@ def _fwd_partition(cfg, tree, mesh, arg_shapes, result_shape):
     return local_fwd(q, k, v, jax.tree.unflatten(tree, leaves), cfg, layout)
 
   return (mesh, lower, (s(layout.q_spec), s(layout.lse_spec)),
-          (s(layout.q_spec), s(layout.kv_spec), s(layout.kv_spec), *[s(P())] * tree.num_leaves))
+          (s(layout.q_spec), s(layout.kv_spec), s(layout.kv_spec), *[s(layout.sequences_spec)] * tree.num_leaves))
 
 
 def _partitioned_fwd(cfg, tree, q, k, v, *leaves):
@@ -339,7 +353,8 @@ def _bwd_partition(cfg, with_dlse, tree, mesh, arg_shapes, result_shape):
   def lower(dout, q, k, v, out, lse, *rest):
     return local_bwd(dout, q, k, v, out, lse, *_dlse_and_sequences(with_dlse, tree, rest), cfg, layout)
 
-  args = (q_s, q_s, kv_s, kv_s, q_s, lse_s) + ((lse_s,) if with_dlse else ()) + (s(P()),) * tree.num_leaves
+  args = ((q_s, q_s, kv_s, kv_s, q_s, lse_s) + ((lse_s,) if with_dlse else ())
+          + (s(layout.sequences_spec),) * tree.num_leaves)
   return mesh, lower, (q_s, kv_s, kv_s), args
 
 

@@ -2,8 +2,9 @@
 
 `numpy_attention` works in float64 NumPy (the forward oracle); `dense_attention` is the same in float32 JAX so that
 `jax.grad` of it is the gradient oracle. `numpy_varlen_attention` / `dense_varlen_attention` are their
-variable-length counterparts: each packed sequence on its own, with the same dense attention. None shares code with
-fa3_jax.
+variable-length counterparts: each packed sequence on its own, with the same dense attention; and
+`numpy_segment_attention` / `dense_segment_attention` the segment-id ones: each batch row's positions of one id, on
+each side, as one sequence. None shares code with fa3_jax.
 """
 
 import jax
@@ -111,6 +112,42 @@ def dense_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q=None, used_
   return out.astype(q.dtype), lse
 
 
+def segment_rows(q_ids, kv_ids):
+  """[(b, query positions, key positions)] of every segment, read straight from concrete ids (b, s): the positions
+  of one non-negative id in row b of each side (key positions possibly empty)."""
+  q_ids, kv_ids = np.asarray(q_ids), np.asarray(kv_ids)
+  return [(b, np.flatnonzero(q_ids[b] == x), np.flatnonzero(kv_ids[b] == x))
+          for b in range(q_ids.shape[0]) for x in np.unique(q_ids[b][q_ids[b] >= 0])]
+
+
+def _per_segment(xp, set_rows, q, k, v, q_ids, kv_ids, scale, causal, window, softcap):
+  """BSHD (out, lse (b, h, s_q)): zeros / -inf, then each segment's dense attention (bottom-right aligned between its
+  query and key positions) written into its query rows."""
+  b, sq, h = q.shape[:3]
+  out = xp.zeros((b, sq, h, v.shape[-1]), q.dtype)
+  lse = xp.full((b, h, sq), -np.inf, q.dtype)
+  for row, pq, pk in segment_rows(q_ids, kv_ids):
+    if len(pk) == 0:
+      continue
+    o, l = _dense(xp, q[row:row + 1, pq], k[row:row + 1, pk], v[row:row + 1, pk], scale, causal, window, softcap)
+    out = set_rows(out, (row, pq), o[0])
+    lse = set_rows(lse, (row, slice(None), pq), l[0].T)  # the int and the array index put the positions first
+  return out, lse
+
+
+def numpy_segment_attention(q, k, v, q_ids, kv_ids, scale=None, causal=False, window=(-1, -1), softcap=0.0):
+  """float64 NumPy attention within segments of concrete ids: (out (b, s_q, h, d_v), lse (b, h, s_q))."""
+  q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+  return _per_segment(np, _numpy_set, q, k, v, q_ids, kv_ids, scale, causal, window, softcap)
+
+
+def dense_segment_attention(q, k, v, q_ids, kv_ids, scale=None, causal=False, window=(-1, -1), softcap=0.0):
+  """float32 JAX attention within segments (out in q's dtype, lse float32), differentiable: the gradient oracle."""
+  out, lse = _per_segment(jnp, lambda x, index, value: x.at[index].set(value),
+                          *(x.astype(jnp.float32) for x in (q, k, v)), q_ids, kv_ids, scale, causal, window, softcap)
+  return out.astype(q.dtype), lse
+
+
 def random_qkv(seed, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_dim_v=None, dtype=jnp.float16):
   head_dim_v = head_dim if head_dim_v is None else head_dim_v
   kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
@@ -118,3 +155,36 @@ def random_qkv(seed, batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, head_
   k = jax.random.normal(kk, (batch, seqlen_k, kv_heads, head_dim), jnp.float32).astype(dtype)
   v = jax.random.normal(kv, (batch, seqlen_k, kv_heads, head_dim_v), jnp.float32).astype(dtype)
   return q, k, v
+
+
+# ---- comparisons shared by the variable-length and segment-id tests --------------------------------------------
+
+def assert_close(got, want, atol=2e-3):
+  """Errors relative to the largest finite entry of `want` (at least 1); infinities must match exactly."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  scale = max(1.0, float(np.max(np.abs(want[np.isfinite(want)]), initial=0.0)))
+  np.testing.assert_allclose(got, want, atol=atol * scale, rtol=0)
+
+
+def assert_out_and_lse_close(out, lse, want_out, want_lse):
+  """out as assert_close; lse -inf exactly where want_lse is, and close elsewhere."""
+  assert_close(out, want_out)
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+  finite = np.isfinite(want_lse)
+  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=1e-4, rtol=1e-5)
+
+
+def out_and_lse_loss(out_shape, lse_shape, seed=1):
+  """loss(attention) -> f(q, k, v): a random weighting of attention's out and lse, so that gradients carry an lse
+  cotangent too; rows without keys (lse = -inf) contribute nothing."""
+  rng = np.random.default_rng(seed)
+  w_out = jnp.asarray(rng.standard_normal(out_shape, np.float32))
+  w_lse = jnp.asarray(rng.standard_normal(lse_shape, np.float32))
+
+  def loss(attention):
+    def f(q, k, v):
+      o, l = attention(q, k, v)
+      return jnp.sum(o.astype(jnp.float32) * w_out) + jnp.sum(jnp.where(jnp.isfinite(l), l * w_lse, 0.0))
+    return f
+
+  return loss

@@ -55,6 +55,15 @@ def test_train_lm_compare_prints_fail_and_exits_nonzero_beyond_the_tolerance(tmp
   assert not list(tmp_path.iterdir()), "--plot '' writes no file"
 
 
+def test_train_lm_packed_documents_match_jax_nn_with_the_equivalent_mask(tmp_path):
+  rc, output = _run(tmp_path, "train_lm.py", "--packed", "--compare", "--dtype", "float32", "--plot", "", *TINY_LM)
+  assert rc == 0, output
+  assert re.search(r"^packed: \d+ documents in 2 rows of 33 tokens \(\d+% padding\), at most 4 documents per row",
+                   output, flags=re.MULTILINE), output
+  assert re.search(r"^PASS: mean \|fa3 - jax\.nn\| over the curve \S+ <= --tolerance", output,
+                   flags=re.MULTILINE), output
+
+
 def test_multi_gpu_on_8_fake_cpu_devices_passes(tmp_path):
   rc, output = _run(tmp_path, "multi_gpu.py", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   assert rc == 0, output

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 import fa3_jax.flax.linen as fl
 import fa3_jax.flax.nnx as fx
+from fa3_jax import jax_nn
 
 B, T, F, N = 2, 8, 64, 4
 
@@ -124,6 +125,86 @@ def test_nnx_module_window_and_seq_lengths_match_stock_masks():
   ref = stock(x, mask=mask)
   _close(out[0, :5], ref[0, :5])
   _close(out[1], ref[1])
+
+
+def test_padding_lengths_and_known_padding_masks_run_the_kernels(monkeypatch):
+  def refuse(*a, **k):
+    raise AssertionError("dense path taken")
+  monkeypatch.setattr(jax_nn, "_dense_attention", refuse)
+  stock, ours = _nnx_pair(causal=True)
+  x = _x(18)
+  lengths = jnp.array([5, 8], jnp.int32)
+  valid = jnp.arange(T)[None] < lengths[:, None]
+  mask = nnx.make_attention_mask(valid, valid) * nnx.make_causal_mask(valid)
+  # One (traced) lengths array for queries and keys: causal alignment provably as jax.nn's.
+  out = nnx.jit(lambda m, x, n: m(x, query_seq_lengths=n, key_value_seq_lengths=n))(ours, x, lengths)
+  ref = stock(x, mask=mask)
+  _close(out[0, :5], ref[0, :5])
+  _close(out[1], ref[1])
+  # A padding mask known at trace time, through attention_fn: its lengths are read from it.
+  drop_in = nnx.MultiHeadAttention(N, F, num_kv_heads=2, decode=False, attention_fn=fx.attention_fn,
+                                   rngs=nnx.Rngs(0))
+  nnx.update(drop_in, nnx.state(stock, nnx.Param))
+  out = drop_in(x, mask=mask)
+  _close(out[0, :5], ref[0, :5])
+  _close(out[1], ref[1])
+
+
+# Two rows of packed documents (id, length); -1 is padding.
+DOCS = [[(0, 3), (1, 5)], [(4, 2), (-1, 6)]]
+
+
+def _packed_docs():
+  ids = np.full((B, T), -1, np.int32)
+  positions = np.zeros((B, T), np.int32)
+  for b, docs in enumerate(DOCS):
+    start = 0
+    for x, n in docs:
+      ids[b, start:start + n], positions[b, start:start + n] = x, np.arange(n)
+      start += n
+  return ids, positions
+
+
+@pytest.mark.parametrize("make", ["linen", "nnx", "nnx_dense_head_dim"])
+def test_modules_with_segment_ids_equal_each_document_alone(make):
+  # Packed causal rotary self-attention: every document as if it were run on its own, positions from 0.
+  ids, positions = _packed_docs()
+  x = _x(19)
+  if make == "linen":
+    module = fl.MultiHeadAttention(num_heads=N, causal=True, rope_theta=1e4)
+    params = module.init(jax.random.key(0), x)
+    run = lambda x, **kw: module.apply(params, x, **kw)
+  else:  # head dim 16 runs the kernel path; qkv_features 40 (head dim 10) the dense float32 path
+    module = fx.MultiHeadAttention(N, F, qkv_features=40 if make == "nnx_dense_head_dim" else None, causal=True,
+                                   rope_theta=1e4, rngs=nnx.Rngs(0))
+    run = lambda x, **kw: module(x, **kw)
+  packed = jax.jit(lambda x, i, p: run(x, segment_ids=i, positions=p, max_segments=2))(x, ids, positions)
+  for b, docs in enumerate(DOCS):
+    start = 0
+    for doc, n in docs:
+      rows = slice(start, start + n)
+      if doc >= 0:
+        _close(packed[b, rows], run(x[b:b + 1, rows])[0], atol=1e-5)
+      else:  # padding: no attention output, so only the (zero-initialised) output bias remains
+        assert not np.asarray(packed[b, rows]).any()
+      start += n
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(mask=jnp.ones((B, 1, T, T), bool)), "segment_ids cannot be combined with mask"),
+    (dict(query_seq_lengths=jnp.array([3, 8], jnp.int32)), "mark padding tokens with a negative segment id"),
+    (dict(max_segments=0), "max_segments must be an int >= 1"),
+])
+def test_segment_ids_argument_errors(kw, match):
+  ids, _ = _packed_docs()
+  with pytest.raises(ValueError, match=match):
+    _nnx_module()(_x(20), segment_ids=ids, **kw)
+
+
+def test_segment_ids_need_self_attention_lengths():
+  ids, _ = _packed_docs()
+  with pytest.raises(ValueError, match="q_len and kv_len must be equal, got q_len=8, kv_len=10"):
+    _nnx_module()(_x(20), _x(21, (B, T + 2, F)), segment_ids=ids)
 
 
 def test_bf16_module_close_to_float32_stock():

@@ -65,6 +65,85 @@ def test_seq_lengths_match_jax_nn_including_zeroed_query_rows():
     np.testing.assert_allclose(g, g_ref, atol=5e-5)
 
 
+def _lengths_call(kw, same=False):
+  """dot_product_attention under jit with traced lengths (one array for both when `same`), and jax.nn's."""
+  if same:
+    ours = jax.jit(lambda q, k, v, l: dot_product_attention(
+        q, k, v, query_seq_lengths=l, key_value_seq_lengths=l, return_residual=True, **kw))
+    theirs = lambda q, k, v, l: _oracle(q, k, v, query_seq_lengths=l, key_value_seq_lengths=l, return_residual=True,
+                                        **kw)
+  else:
+    ours = jax.jit(lambda q, k, v, l: dot_product_attention(q, k, v, return_residual=True, **l, **kw))
+    theirs = lambda q, k, v, l: _oracle(q, k, v, return_residual=True, **l, **kw)
+  return ours, theirs
+
+
+# (attention keywords, lengths, T, S, one array for both): every one provably aligned as jax.nn, so on the kernels.
+KERNEL_LENGTHS = [
+    (dict(), dict(query_seq_lengths=[3, 0, 9], key_value_seq_lengths=[5, 0, 7]), 9, 7, False),  # no window
+    (dict(is_causal=True), dict(query_seq_lengths=[3, 0, 9]), 9, 7, False),  # queries only: all rows, then zeroed
+    (dict(local_window_size=(2, 1)), dict(query_seq_lengths=[3, 0, 7]), 7, 9, False),
+    (dict(is_causal=True), [4, 8, 1], 8, 8, True),  # self-attention padding: one array, T == S
+    (dict(local_window_size=(3, 0)), [4, 8, 0], 8, 8, True),
+]
+
+
+@pytest.mark.parametrize("kw,lengths,t,s,same", KERNEL_LENGTHS)
+def test_traced_seq_lengths_run_the_kernels_and_match_jax_nn(kw, lengths, t, s, same, no_dense):
+  q, k, v = _qkv(20 + t, b=3, t=t, s=s)
+  arg = (jnp.array(lengths, jnp.int32) if same
+         else {name: jnp.array(x, jnp.int32) for name, x in lengths.items()})
+  ours, theirs = _lengths_call(kw, same)
+  (out, res), (want_out, want_res) = ours(q, k, v, arg), theirs(q, k, v, arg)
+  q_lengths = np.asarray(arg if same else arg["query_seq_lengths"])
+  np.testing.assert_allclose(out, want_out, atol=2e-5)
+  np.testing.assert_allclose(res, want_res, atol=2e-5, rtol=1e-6)
+  for i, n in enumerate(q_lengths):  # padded rows: exactly jax.nn's 0 and masked-logits residual
+    np.testing.assert_array_equal(out[i, n:], want_out[i, n:])
+    np.testing.assert_array_equal(res[i, n:], want_res[i, n:])
+  loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v, arg)[0]))
+  for g, w in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(theirs), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, w, atol=5e-5)
+
+
+@pytest.mark.parametrize("t,s", [(8, 8), (7, 9)])
+def test_lengths_known_at_trace_time_with_a_constant_shift_run_the_kernels(t, s, no_dense):
+  # Concrete lengths whose difference kv - q is the same in every batch entry: one static shifted window.
+  q, k, v = _qkv(30 + t, b=3, t=t, s=s)
+  kw = dict(query_seq_lengths=jnp.array([2, 5, 6], jnp.int32),
+            key_value_seq_lengths=jnp.array([2, 5, 6], jnp.int32) + (s - t), is_causal=True, local_window_size=(3, 1))
+  np.testing.assert_allclose(dot_product_attention(q, k, v, **kw), _oracle(q, k, v, **kw), atol=2e-5)
+
+
+def test_traced_lengths_whose_alignment_differs_run_the_dense_path_and_match(monkeypatch):
+  # Causal with different traced query and key lengths: the kernels' per-sequence bottom-right alignment would
+  # differ from jax.nn's top-left one, so the dense path runs.
+  dense = []
+  monkeypatch.setattr(jax_nn, "_dense_attention", lambda *a, f=jax_nn._dense_attention: dense.append(1) or f(*a))
+  q, k, v = _qkv(40, b=3, t=8, s=8)
+  lengths = dict(query_seq_lengths=jnp.array([3, 8, 5], jnp.int32),
+                 key_value_seq_lengths=jnp.array([6, 8, 2], jnp.int32))
+  ours, theirs = _lengths_call(dict(is_causal=True))
+  (out, res), (want_out, want_res) = ours(q, k, v, lengths), theirs(q, k, v, lengths)
+  assert dense
+  np.testing.assert_allclose(out, want_out, atol=2e-5)
+  np.testing.assert_allclose(res, want_res, atol=2e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_residual_of_rows_without_keys_is_jax_nns_in_every_dtype(dtype):
+  # Padded query rows, and rows that see no key (batch entry 1 has no keys): jax.nn's masking value, in key's dtype.
+  q, k, v = _qkv(41, b=2, t=8, s=8, dtype=dtype)
+  kw = dict(query_seq_lengths=jnp.array([5, 8], jnp.int32), key_value_seq_lengths=jnp.array([8, 0], jnp.int32),
+            return_residual=True)
+  (out, res), (want_out, want_res) = dot_product_attention(q, k, v, **kw), _oracle(q, k, v, **kw)
+  assert res.dtype == want_res.dtype == dtype
+  np.testing.assert_array_equal(res[0, 5:], want_res[0, 5:])
+  np.testing.assert_array_equal(res[1], want_res[1])
+  np.testing.assert_array_equal(out[0, 5:], want_out[0, 5:])
+  assert not np.asarray(out[1]).any()  # rows within query_seq_lengths that see no key: 0 (jax.nn averages v)
+
+
 def test_causal_mask_built_inside_jit_is_read_at_trace_time(no_dense):
   q, k, v = _qkv(3, t=8, s=8)
   f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=nn.make_causal_mask(q[..., 0, 0], dtype=bool)))

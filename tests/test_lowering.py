@@ -202,3 +202,30 @@ def test_varlen_remat_policy_keeps_one_forward(kernels_compiled):
   recomputed = cuda_stablehlo(jax.value_and_grad(jax.checkpoint(loss)), *varlen_inputs())
   assert len(custom_calls(saved, "fa3_jax_fwd")) == 1
   assert len(custom_calls(recomputed, "fa3_jax_fwd")) == 2
+
+
+def test_segment_ids_lower_to_the_varlen_custom_calls(kernels_compiled):
+  # flash_attn_func with segment ids runs as the packing of its batch's rows: batch * max_segments sequences of at
+  # most seqlen rows each, the very custom calls of the equivalent flash_attn_varlen_func call.
+  b, s, m = 2, 64, 3
+  q, k, v = inputs(b=b, sq=s, sk=s, d=64)
+  ids = jnp.zeros((b, s), jnp.int32)
+  loss = lambda f: lambda *a: f(*a).astype(jnp.float32).sum()
+  segmented = lambda q, k, v, ids: fa3_jax.flash_attn_func(q, k, v, causal=True, q_segment_ids=ids, max_segments=m)
+  text = cuda_stablehlo(jax.grad(loss(segmented), argnums=(0, 1, 2)), q, k, v, ids)
+
+  def varlen_call(q, k, v, cu_q, cu_k, used_q, used_k):
+    return fa3_jax.flash_attn_varlen_func(q, k, v, cu_q, cu_k, s, s, seqused_q=used_q, seqused_k=used_k, causal=True)
+
+  cu, used = jnp.zeros((b * m + 1,), jnp.int32), jnp.zeros((b * m,), jnp.int32)
+  packed = [x.reshape(b * s, *x.shape[2:]) for x in (q, k, v)]
+  want = cuda_stablehlo(jax.grad(loss(varlen_call), argnums=(0, 1, 2)), *packed, cu, cu, used, used)
+  without_names = lambda call: re.sub(r"%[\w#.]+", "%", call)
+  for target in ("fa3_jax_fwd", "fa3_jax_bwd"):
+    (call,), (expected,) = custom_calls(text, target), custom_calls(want, target)
+    assert without_names(call) == without_names(expected)
+  (fwd,) = custom_calls(text, "fa3_jax_fwd")
+  assert "with_cu_seqlens_q = true" in fwd and "with_seqused_k = true" in fwd and "max_seqlen_q = 64 : i64" in fwd
+  assert signature(fwd).startswith("(tensor<128x8x64xbf16>, tensor<128x2x64xbf16>, tensor<128x2x64xbf16>, "
+                                   "tensor<7xi32>, tensor<7xi32>, tensor<6xi32>, tensor<6xi32>) -> "
+                                   "(tensor<128x8x64xbf16>, tensor<8x128xf32>")

@@ -15,7 +15,8 @@ from jax.sharding import PartitionSpec as P
 import fa3_jax
 from fa3_jax import reference
 from fa3_jax._config import AttentionConfig
-from oracle import dense_attention, dense_varlen_attention, numpy_attention, numpy_varlen_attention, sequence_rows
+from oracle import assert_close, assert_out_and_lse_close, dense_attention, dense_varlen_attention, numpy_attention, \
+    numpy_varlen_attention, out_and_lse_loss, sequence_rows
 
 
 def cu(lengths):
@@ -45,13 +46,6 @@ def uncovered(cu_seqlens, seqused, max_seqlen, total):
 def oracle_kwargs(kwargs):
   return dict(scale=kwargs.get("softmax_scale"), causal=kwargs.get("causal", False),
               window=kwargs.get("window_size", (-1, -1)), softcap=kwargs.get("softcap", 0.0))
-
-
-def assert_close(got, want, atol=2e-3):
-  """Errors relative to the largest finite entry of `want` (at least 1); infinities must match exactly."""
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  scale = max(1.0, float(np.max(np.abs(want[np.isfinite(want)]), initial=0.0)))
-  np.testing.assert_allclose(got, want, atol=atol * scale, rtol=0)
 
 
 # name: (lengths_q, lengths_k, heads, kv_heads, head_dim, options); options: seqused, extra rows, max_seqlen, mask.
@@ -97,22 +91,8 @@ def test_matches_the_per_sequence_oracle(name):
   want_out, want_lse = numpy_varlen_attention(q, k, v, *oracle_args, **oracle_kwargs(kwargs))
   assert out.shape == (q.shape[0], q.shape[1], v.shape[-1]) and out.dtype == q.dtype
   assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == jnp.float32
-  assert_close(out, want_out)
-  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
-  finite = np.isfinite(want_lse)
-  np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=1e-4, rtol=1e-5)
-
-  rng = np.random.default_rng(1)
-  w_out = jnp.asarray(rng.standard_normal(out.shape, np.float32))
-  w_lse = jnp.asarray(rng.standard_normal(lse.shape, np.float32))
-
-  def loss(attention):
-    def f(q, k, v):
-      o, l = attention(q, k, v)
-      # lse's cotangent too; rows without keys (lse = -inf) contribute nothing.
-      return jnp.sum(o.astype(jnp.float32) * w_out) + jnp.sum(jnp.where(jnp.isfinite(l), l * w_lse, 0.0))
-    return f
-
+  assert_out_and_lse_close(out, lse, want_out, want_lse)
+  loss = out_and_lse_loss(out.shape, lse.shape)
   grads = jax.grad(loss(lambda q, k, v: varlen(q, k, v, layout, return_lse=True, **kwargs)), argnums=(0, 1, 2))(
       q, k, v)
   oracle = lambda q, k, v: dense_varlen_attention(q, k, v, *oracle_args, **oracle_kwargs(kwargs))

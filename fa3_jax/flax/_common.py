@@ -221,9 +221,11 @@ def make_attention_fn(*, is_causal: bool = False, local_window_size=None, softca
   head_dim) and returns (batch..., q_len, heads, head_dim) in the computation dtype, with Flax's keywords:
     mask: (batch..., heads|1, q_len, kv_len), nonzero/True = attend (flax's make_causal_mask / make_attention_mask
       output). A mask whose values are known at trace time (flax's make_causal_mask, also inside jit/remat, or a
-      constant padding mask) is read then: causal/window bands become kernel arguments, padding runs the dense
-      path (until varlen kernels land). Other masks raise ValueError saying what to pass instead, unless
-      dense_mask_fallback.
+      constant padding mask) is read then: causal/window bands become kernel arguments, and padding whose valid
+      positions are a prefix of each row becomes per-batch lengths on the kernels, with
+      fa3_jax.dot_product_attention's rules for when their alignment matches (a causal padding mask of equal
+      query and key lengths always does; other known padding runs the dense path). Other masks raise ValueError
+      saying what to pass instead, unless dense_mask_fallback.
     bias: (batch..., heads|1, q_len, kv_len) added to the logits; runs the dense float32 path.
     dropout_rate, deterministic, dropout_rng, broadcast_dropout: dropout_rate > 0 with deterministic=False raises
       NotImplementedError (the kernels have no dropout).
@@ -332,13 +334,23 @@ def module_config(*, num_heads, num_kv_heads, qkv_features, out_features, dtype,
 
 
 def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=None, kv_positions=None,
-                     query_seq_lengths=None, key_value_seq_lengths=None):
+                     query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None):
   """The attention step of the modules: rotary, masking, fa3 attention. q (B, T, N, H), k/v (B, S, K, H).
 
   The call arguments are checked against q/k/v here (the modules' docstrings give their shapes).
   """
   b, t, n, _ = q.shape
   s = k.shape[1]
+  if segment_ids is not None:
+    if s != t:
+      raise ValueError(f"segment_ids packs documents for self-attention, so q_len and kv_len must be equal, got "
+                       f"q_len={t}, kv_len={s}")
+    others = [name for name, x in (("mask", mask), ("query_seq_lengths", query_seq_lengths),
+                                   ("key_value_seq_lengths", key_value_seq_lengths)) if x is not None]
+    if others:
+      raise ValueError(f"segment_ids cannot be combined with {', '.join(others)}: mark padding tokens with a "
+                       "negative segment id instead")
+  segments = _validate.segment_ids(segment_ids, None, max_segments, b, t, s)
   if opts.rope_theta is None:
     if positions is not None or kv_positions is not None:
       raise ValueError("positions / kv_positions are rotary positions, but this module has rope_theta=None (no "
@@ -352,12 +364,13 @@ def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=No
     q = apply_rotary(q, positions, opts.rope_theta)
     k = apply_rotary(k, kv_positions, opts.rope_theta)
   masking = opts.masking()
-  if query_seq_lengths is not None:
-    lengths = check_lengths("query_seq_lengths", query_seq_lengths, b)
-    masking = dataclasses.replace(masking, q_valid=jnp.arange(t)[None, :] < lengths[:, None])
-  if key_value_seq_lengths is not None:
-    lengths = check_lengths("key_value_seq_lengths", key_value_seq_lengths, b)
-    masking = dataclasses.replace(masking, kv_valid=jnp.arange(s)[None, :] < lengths[:, None])
+  lengths = {name: None if x is None else check_lengths(name, x, b).astype(jnp.int32) for name, x in
+             (("query_seq_lengths", query_seq_lengths), ("key_value_seq_lengths", key_value_seq_lengths))}
+  q_lengths = lengths["query_seq_lengths"]
+  # One array passed for both stays one object, which lets jax_nn prove the kernels' alignment (as
+  # dot_product_attention does).
+  kv_lengths = q_lengths if key_value_seq_lengths is query_seq_lengths else lengths["key_value_seq_lengths"]
+  masking = dataclasses.replace(masking, q_lengths=q_lengths, kv_lengths=kv_lengths, segments=segments)
   if mask is not None:
     mask = check_broadcastable("mask", mask, (b, n, t, s), "(batch|1, heads|1, q_len, kv_len)")
     mask = jnp.broadcast_to(mask, (b, *mask.shape[1:]))

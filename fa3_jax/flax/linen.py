@@ -67,12 +67,16 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
-               query_seq_lengths=None, key_value_seq_lengths=None):
+               query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None):
     """inputs_q (batch, q_len, features); inputs_k/inputs_v (batch, kv_len, features_kv), default inputs_q.
 
     mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend. positions / kv_positions: rotary
     positions (batch|1, len) or (len,) ints, default arange (only with rope_theta). query_seq_lengths /
-    key_value_seq_lengths: (batch,) ints. Returns (batch, q_len, out_features).
+    key_value_seq_lengths: (batch,) ints. segment_ids: (batch, len) ints for packed self-attention (documents
+    packed into rows, see flash_attn_func's q_segment_ids): tokens attend only within their document, negative ids
+    mark padding (output 0), causal / local_window_size apply per document; pass positions that restart at 0 with
+    each document for rotary. Not combined with mask or the seq lengths. max_segments: static bound on the
+    documents per row (default len; setting it is the fast path). Returns (batch, q_len, out_features).
     Bad shapes or types raise ValueError / TypeError naming the argument.
     """
     inputs_k = inputs_q if inputs_k is None else inputs_k
@@ -93,7 +97,8 @@ class MultiHeadAttention(nn.Module):
     q, k, v = (nn.with_logical_constraint(x, axes) for x in (q, k, v))
     out = _common.module_attention(options, q, k, v, mask=mask, positions=positions, kv_positions=kv_positions,
                                    query_seq_lengths=query_seq_lengths,
-                                   key_value_seq_lengths=key_value_seq_lengths)
+                                   key_value_seq_lengths=key_value_seq_lengths,
+                                   segment_ids=segment_ids, max_segments=max_segments)
     out = nn.with_logical_constraint(out, axes)
     return nn.DenseGeneral(
         features=inputs_q.shape[-1] if self.out_features is None else self.out_features, axis=(-2, -1),

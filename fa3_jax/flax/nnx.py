@@ -80,13 +80,18 @@ class MultiHeadAttention(nnx.Module):
         bias_init=_annotated(bias_init, (_common.EMBED,)), rngs=rngs)
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
-               query_seq_lengths=None, key_value_seq_lengths=None):
+               query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None):
     """inputs_q (batch, q_len, in_features); inputs_k/inputs_v (batch, kv_len, in_kv_features), default inputs_q.
 
     mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend (see make_attention_fn for which masks run
       where). positions / kv_positions: (batch|1, len) or (len,) int rotary positions, default arange (only with
-      rope_theta). query_seq_lengths / key_value_seq_lengths: optional (batch,) int padding lengths (dense path for
-      now).
+      rope_theta). query_seq_lengths / key_value_seq_lengths: optional (batch,) int padding lengths (on the kernels
+      where their alignment provably matches jax.nn's, e.g. one array passed for both; see
+      fa3_jax.dot_product_attention). segment_ids: optional (batch, len) ints for packed self-attention
+      (documents packed into rows, see flash_attn_func's q_segment_ids): tokens attend only within their
+      document, negative ids mark padding (output 0), causal / local_window_size apply per document; pass
+      positions that restart at 0 with each document for rotary. Not combined with mask or the seq lengths.
+      max_segments: static bound on the documents per row (default len; setting it is the fast path).
     Returns (batch, q_len, out_features).
     """
     inputs_k = inputs_q if inputs_k is None else inputs_k
@@ -97,5 +102,6 @@ class MultiHeadAttention(nnx.Module):
       q, k, v = (x.astype(self.dtype) for x in (q, k, v))
     out = _common.module_attention(self.options, q, k, v, mask=mask, positions=positions,
                                    kv_positions=kv_positions, query_seq_lengths=query_seq_lengths,
-                                   key_value_seq_lengths=key_value_seq_lengths)
+                                   key_value_seq_lengths=key_value_seq_lengths,
+                                   segment_ids=segment_ids, max_segments=max_segments)
     return self.out(out)
