@@ -196,10 +196,17 @@ struct FwdTileScheduler {
           continue;
         }
         const int b = next + lane;
-        int offset, len_q = 0, len_k = 0;
+        int q_offset = seqs.q.rows, k_offset, len_q = 0, len_k = 0;
         if (b < batch) {
-          seqs.q.extent(b, offset, len_q);
-          seqs.k.extent(b, offset, len_k);
+          seqs.q.extent(b, q_offset, len_q);
+          seqs.k.extent(b, k_offset, len_k);
+        }
+        // Packed queries: once 32 sequences in a row start at the tensor's end, so do all later ones (offsets never
+        // decrease in well-formed layouts), and the pass ends. Layouts padded with many empty sequences (segment ids
+        // under a static bound) then cost what their real sequences cost.
+        if (seqs.q.packed() && __all_sync(0xffffffffu, q_offset >= seqs.q.rows)) {
+          next = batch;
+          continue;
         }
         const int blocks = (len_q + kBlockM - 1) / kBlockM;
         const bool in_class = cost_class((len_k + kBlockN - 1) / kBlockN) == cls;
