@@ -16,8 +16,8 @@ per-document reference (max_abs_error; --no-check skips it).
 
 writes results.json, results.md (a table per mix) and varlen.png into --out. `--quick` runs tiny mixes (CPU smoke
 test: there fa3_jax runs its reference path and the GPU-only peers are reported as skipped). The segment-id path
-(fa3_jax_segment_ids: one packed sequence with per-token document ids) is a hook, off by default: name it in
---implementations once fa3_jax has one.
+(fa3_jax_segment_ids: the documents as one row with per-token document ids, default max_segments;
+fa3_jax_segment_ids_bounded: max_segments = the document count) runs the same documents.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import inspect
 import json
 import pathlib
 import sys
@@ -180,16 +179,17 @@ def _jax_nn_padded(implementation):
   return factory
 
 
-def _fa3_jax_segment_ids(packing, heads, head_dim, causal):
-  """Hook for our segment-id path: the documents as one packed sequence of batch 1, causal within each document
-  (the packed causal mask restricted to equal ids). Written against flash_attn_func(..., segment_ids=(1, total)
-  int32); adjust the call here to the real signature when that path lands."""
-  if "segment_ids" not in inspect.signature(fa3_jax.flash_attn_func).parameters:
-    raise Unavailable("fa3_jax.flash_attn_func has no segment_ids argument yet (hook: _fa3_jax_segment_ids)")
+def _fa3_jax_segment_ids(bounded: bool):
+  """Our segment-id path: the documents as one row of batch 1 with per-token document ids (flash_attn_func's
+  q_segment_ids), causal within each document. max_segments is the default bound (the row's length: every row
+  layout is valid) or, bounded, the mix's document count (what a caller who knows its packer's bound passes)."""
+  def factory(packing, heads, head_dim, causal):
+    max_segments = packing.batch if bounded else None
 
-  def attention(q, k, v, segment_ids):
-    return fa3_jax.flash_attn_func(q, k, v, causal=causal, segment_ids=segment_ids)
-  return Runner(attention, "segment_ids")
+    def attention(q, k, v, segment_ids):
+      return fa3_jax.flash_attn_func(q, k, v, causal=causal, q_segment_ids=segment_ids, max_segments=max_segments)
+    return Runner(attention, "segment_ids")
+  return factory
 
 
 IMPLEMENTATIONS: dict[str, Callable[..., Runner]] = {
@@ -197,9 +197,11 @@ IMPLEMENTATIONS: dict[str, Callable[..., Runner]] = {
     "flash_attn3_jax": _flash_attn3_jax,
     "cudnn": _jax_nn_padded("cudnn"),
     "xla": _jax_nn_padded("xla"),
-    "fa3_jax_segment_ids": _fa3_jax_segment_ids,
+    "fa3_jax_segment_ids": _fa3_jax_segment_ids(bounded=False),
+    "fa3_jax_segment_ids_bounded": _fa3_jax_segment_ids(bounded=True),
 }
-DEFAULT_IMPLEMENTATIONS = ("fa3_jax", "flash_attn3_jax", "cudnn", "xla")
+DEFAULT_IMPLEMENTATIONS = ("fa3_jax", "fa3_jax_segment_ids", "fa3_jax_segment_ids_bounded", "flash_attn3_jax", "cudnn",
+                           "xla")
 
 
 # ---- inputs, reference, measurement --------------------------------------------------------------------------------

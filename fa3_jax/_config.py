@@ -114,16 +114,30 @@ class SequenceLayout:
 
   def packing(self, seqlen_q: int, seqlen_k: int) -> "SequenceLayout":
     """A segmented layout as the packed one of its batch's rows back to back, (batch * seqlen, heads, dim) per side:
-    batch * max_segments sequences, sequence b * max_segments + m being segment m of row b (offset
-    b * seqlen + start, seqused its length). The packing is well-formed when each row's starts are nondecreasing
-    and its segments disjoint, as `fa3_jax._segments` builds them; other values are clamped like any packing's."""
+    batch * max_segments sequences, the segments with rows first, in order (segment m of row b at offset
+    b * seqlen + start, seqused its length), then the empty ones. The packing is well-formed when each row's starts
+    are nondecreasing and its segments disjoint, as `fa3_jax._segments` builds them; other values are clamped like
+    any packing's."""
     def side(segments, seqlen):
       batch = segments.shape[0]
       starts = segments[..., 0] + seqlen * jnp.arange(batch, dtype=jnp.int32)[:, None]
-      return jnp.append(starts.reshape(-1), jnp.int32(batch * seqlen)), segments[..., 1].reshape(-1)
+      return starts.reshape(-1), segments[..., 1].reshape(-1), batch * seqlen
 
-    (cu_q, used_q), (cu_k, used_k) = side(self.segments_q, seqlen_q), side(self.segments_k, seqlen_k)
-    return SequenceLayout(cu_q, cu_k, used_q, used_k, max_seqlen_q=seqlen_q, max_seqlen_k=seqlen_k)
+    (starts_q, used_q, total_q), (starts_k, used_k, total_k) = (side(self.segments_q, seqlen_q),
+                                                                side(self.segments_k, seqlen_k))
+    # The sequences that have rows come first, in order, and the empty slots after them, at the tensors' end: the
+    # kernels' walks over the sequences stop there (docs/kernels.md §10.2), so the unused slots of a generous
+    # max_segments cost (almost) nothing.
+    real = (used_q > 0) | (used_k > 0)
+    slot = jnp.where(real, jnp.cumsum(real) - 1, real.sum() + jnp.cumsum(~real) - 1)
+
+    def compact(values, empty):
+      return jnp.full_like(values, empty).at[slot].set(jnp.where(real, values, empty), unique_indices=True)
+
+    cu_q, cu_k = (jnp.append(compact(x, total), jnp.int32(total)) for x, total in ((starts_q, total_q),
+                                                                                  (starts_k, total_k)))
+    return SequenceLayout(cu_q, cu_k, compact(used_q, 0), compact(used_k, 0), max_seqlen_q=seqlen_q,
+                          max_seqlen_k=seqlen_k)
 
   def arrays(self) -> dict:
     """The arrays by name (absent ones None), in the kernels' operand order."""

@@ -2,7 +2,6 @@
 (a subprocess, as a user would run it)."""
 
 import importlib.util
-import inspect
 import json
 import os
 import pathlib
@@ -110,19 +109,13 @@ def test_unavailable_implementations_are_skipped_not_fatal():
       assert bench_varlen.measure(name, bench_varlen.IMPLEMENTATIONS[name], mix, inputs, 1, 8, False, None).skipped
 
 
-def test_segment_id_hook_is_skipped_until_fa3_jax_has_segment_ids_then_runs_packed(monkeypatch):
-  mix = bench_varlen.Mix("t", "test", (6, 10))
+@pytest.mark.parametrize("name", ["fa3_jax_segment_ids", "fa3_jax_segment_ids_bounded"])
+def test_segment_id_path_matches_the_per_document_reference(name):
+  mix = bench_varlen.Mix("t", "test", (6, 10, 1))
   inputs = bench_varlen.Inputs(bench_varlen.Packing(mix.lengths), 2, 16, jnp.bfloat16, 0)
-  hook = bench_varlen.IMPLEMENTATIONS["fa3_jax_segment_ids"]
-  assert "fa3_jax_segment_ids" not in bench_varlen.DEFAULT_IMPLEMENTATIONS  # off by default
-  if "segment_ids" not in inspect.signature(fa3_jax.flash_attn_func).parameters:
-    assert "segment_ids" in bench_varlen.measure("s", hook, mix, inputs, 2, 16, True, None).skipped
-
-  def flash_attn_func(q, k, v, causal=False, segment_ids=None):  # stand-in with the hook's assumed signature
-    return _masked_attention(q, k, v, segment_ids, causal)
-  monkeypatch.setattr(fa3_jax, "flash_attn_func", flash_attn_func)
-  r = bench_varlen.measure("s", hook, mix, inputs, 2, 16, True, bench_varlen.reference_output(inputs, True),
-                           calls=1, repeats=1)
+  assert name in bench_varlen.DEFAULT_IMPLEMENTATIONS
+  r = bench_varlen.measure("s", bench_varlen.IMPLEMENTATIONS[name], mix, inputs, 2, 16, True,
+                           bench_varlen.reference_output(inputs, True), calls=1, repeats=1)
   assert r.error is None and r.skipped is None and r.max_abs_error < bench_varlen.CHECK_TOLERANCE, r
 
 

@@ -214,6 +214,22 @@ def sharding_inputs(kv_heads):
   return (*qkv(20, 4, 40, 40, 8, kv_heads, head_dim=16), ids_of(*runs, length=40))
 
 
+def test_the_kernels_packing_puts_the_segments_first_and_the_empty_slots_at_the_end():
+  # The kernels' walks stop at the first sequence starting at the tensor's end (docs/kernels.md §10.2): the packing
+  # holds each row's segments in order, rows back to back, then every empty slot, starting at the end.
+  from fa3_jax._config import SequenceLayout
+  from fa3_jax._segments import segment_layout
+  ids = jnp.asarray(ids_of([(0, 3), (1, 2)], [(-1, 8)], [(-1, 2), (7, 6)], length=8))
+  layout, overflow = segment_layout(ids, ids, max_segments=4)
+  packed = layout.packing(8, 8)
+  assert isinstance(packed, SequenceLayout) and not overflow.any()
+  for side in ("q", "k"):
+    cu, used = (np.asarray(getattr(packed, f"{name}_{side}")) for name in ("cu_seqlens", "seqused"))
+    np.testing.assert_array_equal(cu, [0, 3, 18] + [24] * 10)
+    np.testing.assert_array_equal(used, [3, 2, 6] + [0] * 9)
+  assert packed.max_seqlen_q == packed.max_seqlen_k == 8
+
+
 @pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit])
 @pytest.mark.parametrize("kv_heads", [8, 2])
 def test_batch_and_head_sharding_has_no_collectives_and_matches(mode, kv_heads):

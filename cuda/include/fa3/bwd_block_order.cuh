@@ -14,6 +14,14 @@
 //    runs keep group = 1.
 // In every order a CTA of key block n has a higher linear id than the lower key blocks of its pair, so the
 // deterministic mode's waits are on CTAs that are resident or finished: no deadlock.
+//
+// Packed keys (kVarlen) whose grid above would be mostly empty (more than kSparseGridFactor times the CTAs of this
+// one) take another grid: CTA (key-row block R of the packed tensor, kv head) runs the key tiles
+// that start in rows [R * kBlockN, (R + 1) * kBlockN) (TilesStartingIn, fa3/sequences.h; docs/kernels.md §10.2), so
+// the grid follows the keys' rows, not the number of sequences times the longest one (segment ids give thousands of
+// mostly empty sequences). R runs fastest (one head's CTAs run together over its sequences and share their Q / dO in
+// L2), or slowest in the deterministic mode (every head's block R before any block R + 1, like key block slowest
+// above). A tile's lower key blocks start in lower blocks R, so the deadlock argument above holds.
 #pragma once
 
 #include <algorithm>
@@ -22,8 +30,12 @@
 
 #include "cute/config.hpp"
 
+#include "fa3/sequences.h"
+
 namespace fa3 {
 namespace bwd {
+
+constexpr long long kSparseGridFactor = 16;
 
 struct CtaCoord {
   int n_block, kv_head, batch;
@@ -53,6 +65,42 @@ CUTE_DEVICE CtaCoord bwd_cta_coord(int num_n, int kv_heads, int batch, int group
   const int pair = g * group + r % size;
   return CtaCoord{r / size, pair % kv_heads, pair / kv_heads};
 }
+
+// The CTA's tiles with kVarlen, in order: one from the launch order above, or on the grid over key-row blocks those of
+// its block.
+// The cursor is the next sequence to look at (TilesStartingIn), or for the one tile 0 before it and 1 after; all else
+// is re-read from the arguments, so that the consumers' loop over tiles keeps one register live across the mainloop
+// (a cursor of seven fields made ptxas serialize the WGMMAs, C7512, at d = 128).
+template <int kBlockN>
+struct BwdTiles {
+  template <class Args>
+  static CUTE_DEVICE int first(Args const& args) {
+    return args.walk_key_blocks ? TilesStartingIn<kBlockN>::first(args.seqs.k, args.batch, block(args)) : 0;
+  }
+
+  template <class Args>
+  static CUTE_DEVICE bool next(Args const& args, int& cursor, CtaCoord& tile) {
+    if (args.walk_key_blocks) {
+      int offset, length;
+      if (!TilesStartingIn<kBlockN>::next(args.seqs.k, args.batch, block(args), cursor, tile.batch, tile.n_block,
+                                          offset, length)) {
+        return false;
+      }
+      tile.kv_head = int(args.deterministic ? blockIdx.x % unsigned(args.kv_heads)
+                                            : blockIdx.x / unsigned(args.key_row_blocks));
+      return true;
+    }
+    if (cursor++ > 0) return false;
+    tile = bwd_cta_coord(args.num_n_blocks, args.kv_heads, args.batch, args.pairs_per_group);
+    return true;
+  }
+
+  // The grid over key-row blocks: the CTA's block (the order above).
+  template <class Args>
+  static CUTE_DEVICE int block(Args const& args) {
+    return int(args.deterministic ? blockIdx.x / unsigned(args.kv_heads) : blockIdx.x % unsigned(args.key_row_blocks));
+  }
+};
 
 }  // namespace bwd
 }  // namespace fa3

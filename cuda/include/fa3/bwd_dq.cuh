@@ -122,14 +122,18 @@ CUTE_DEVICE void dq_hand_off(Tensor const& frag, float* smem_tile, int tid) {
   named_arrive(int(BwdBarrier::kdQFull) + w, kdQHandoffThreads);
 }
 
-// The dQ writer warp: for each of the CTA's n_iters (query head, M-block) tiles, in the consumers' order, one bulk
-// reduce-add per consumer warpgroup's slice (kSliceFloats floats) into the workspace tile tile_of(head, m_block).
-// Each slice is released as soon as it has been read, and the warp leaves only when its adds are complete (their
-// SMEM source must outlive them).
-template <int kSliceFloats, class TileOf>
-CUTE_DEVICE void dq_writer(const float* smem_tile, QueryTileCursor t, int n_iters, TileOf&& tile_of) {
-  const bool leader = cute::elect_one_sync();
+// The dQ writer warp, in three parts: dq_writer_open once, dq_writer_tile for each of the CTA's tiles, dq_writer_close
+// once. For each of a tile's n_iters (query head, M-block) iterations, in the consumers' order, one bulk reduce-add per
+// consumer warpgroup's slice (kSliceFloats floats) into the workspace tile tile_of(head, m_block). Each slice is
+// released as soon as it has been read, and the warp leaves only when its adds are complete (their SMEM source must
+// outlive them). Lane 0 issues.
+CUTE_DEVICE void dq_writer_open() {
   for (int w = 0; w < 2; ++w) named_arrive(int(BwdBarrier::kdQEmpty) + w, kdQHandoffThreads);
+}
+
+template <int kSliceFloats, class TileOf>
+CUTE_DEVICE void dq_writer_tile(const float* smem_tile, QueryTileCursor t, int n_iters, TileOf&& tile_of) {
+  const bool leader = threadIdx.x % 32 == 0;
   for (int it = 0; it < n_iters; ++it, t.next()) {
     float* tile = tile_of(t.head, t.m_block);
     for (int w = 0; w < 2; ++w) {
@@ -143,7 +147,10 @@ CUTE_DEVICE void dq_writer(const float* smem_tile, QueryTileCursor t, int n_iter
     __syncwarp();
     named_arrive(int(BwdBarrier::kdQEmpty) + 1, kdQHandoffThreads);
   }
-  if (leader) bulk_wait_complete();
+}
+
+CUTE_DEVICE void dq_writer_close() {
+  if (threadIdx.x % 32 == 0) bulk_wait_complete();
 }
 
 // Deterministic mode: wait until it is this CTA's turn on the tile's counter. A spin budget turns a logic error

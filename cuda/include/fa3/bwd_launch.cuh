@@ -71,10 +71,10 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
     pre.dq_accum = reinterpret_cast<float*>(wbase + ws.dq);
     pre.ws_rows = ws_rows;
     pre.seq_q = p.seq_q;
+    pre.batch = p.batch;
     pre.heads = p.heads;
     pre.seq_rows = num_m * Traits::kBlockM;
-    pre.total_rows = (long long)p.batch * p.heads * pre.seq_rows;
-    const long long blocks = (pre.total_rows + bwd::kPreprocessRowsPerBlock - 1) / bwd::kPreprocessRowsPerBlock;
+    const long long blocks = bwd::bwd_preprocess_blocks(p.seq_q, p.batch, p.heads, pre.seq_rows);
     if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
     bwd::bwd_preprocess_kernel<Element, kHeadDim, kHeadDimV><<<unsigned(blocks), 256, 0, stream>>>(pre);
     err = cudaGetLastError();
@@ -150,6 +150,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   args.group = p.heads / p.kv_heads;
   args.num_m_blocks = num_m;
   args.num_n_blocks = num_n;
+  args.key_row_blocks = (p.seq_k.rows + Traits::kBlockN - 1) / Traits::kBlockN;
   args.scale_log2 = has_softcap ? p.softcap * kLog2e : p.softmax_scale * kLog2e;
   args.softcap_pre = has_softcap ? p.softmax_scale / p.softcap : 0.f;
   args.softmax_scale = p.softmax_scale;
@@ -157,8 +158,17 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   args.deterministic = p.deterministic;
   args.pairs_per_group = pairs_per_group;
 
+  // Packed keys whose grid over the longest sequence would be mostly empty (segment ids: thousands of empty
+  // sequences) walk blocks of key rows instead (bwd_block_order.cuh); where it is not, the grid over the longest
+  // sequence measured 10-17 % faster on the document mixes of benchmarks/bench_varlen.py (RESULTS.md, sixteenth
+  // session: its launch order starts long sequences' key blocks early).
+  const long long sequence_ctas = (long long)num_n * p.kv_heads * p.batch;
+  const long long block_ctas = (long long)args.key_row_blocks * p.kv_heads;
+  args.walk_key_blocks = varlen && p.seq_k.packed() && sequence_ctas > bwd::kSparseGridFactor * block_ctas;
   dim3 grid;
-  if (!bwd::bwd_grid(num_n, p.kv_heads, p.batch, grid)) return cudaErrorInvalidConfiguration;
+  const bool grid_ok = args.walk_key_blocks ? bwd::bwd_grid(args.key_row_blocks, p.kv_heads, 1, grid)
+                                            : bwd::bwd_grid(num_n, p.kv_heads, p.batch, grid);
+  if (!grid_ok) return cudaErrorInvalidConfiguration;
   if (varlen) {
     bwd::bwd_kernel<Traits, true><<<grid, dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   } else {
@@ -167,7 +177,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  const long long dq_tiles = (long long)p.batch * p.heads * num_m;
+  const long long dq_tiles = bwd::bwd_postprocess_blocks(p.seq_q, p.batch, p.heads, num_m);
   if (dq_tiles > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   bwd::BwdPostprocessArgs<Traits> post;
   post.dq_accum = reinterpret_cast<const float*>(wbase + ws.dq);
@@ -175,6 +185,7 @@ cudaError_t run_bwd(const BwdParams& p, cudaStream_t stream) {
   post.dq_strides = p.dq_strides;
   post.ws_rows = ws_rows;
   post.seq_q = p.seq_q;
+  post.batch = p.batch;
   post.heads = p.heads;
   post.num_m = num_m;
   post.scale = p.softmax_scale;

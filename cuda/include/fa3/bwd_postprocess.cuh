@@ -13,9 +13,11 @@
 namespace fa3 {
 namespace bwd {
 
-// 1-D grid of batch * heads * m_blocks CTAs ((b, h, m_block) with m_block fastest; M-blocks past a sequence's end
-// leave at once), so no grid dimension limits batch or heads; 256 threads (one per consumer thread of the main
-// kernel). The converted tile is transposed to row-major through SMEM and written as whole 16-byte row chunks: stored
+// 1-D grid (bwd_postprocess_blocks) of 256-thread CTAs (one thread per consumer thread of the main kernel), so no
+// grid dimension limits batch or heads: BSHD queries, one CTA per (b, h, m_block) with m_block fastest (M-blocks past a
+// sequence's end leave at once); packed queries, one per (64-row block of the tensor, head), taking the M-blocks that
+// start in it (TilesStartingIn), so that the grid follows the rows, not the number of sequences times their bound.
+// The converted tile is transposed to row-major through SMEM and written as whole 16-byte row chunks: stored
 // straight from the fragment positions, each warp store covered 16 of every 32 bytes of its sectors, and the kernel
 // ran at ~60 % of HBM bandwidth (NOTES_bwd.md v7). The row pitch is padded by 16 bytes, which spreads the fragment
 // rows over all banks.
@@ -26,23 +28,23 @@ struct BwdPostprocessArgs {
   Strides dq_strides;
   BwdRows ws_rows;
   SeqSide seq_q;
-  int heads, num_m;  // num_m: M-blocks of the longest sequence
+  int batch, heads, num_m;  // num_m: BSHD queries, the seqlen's M-blocks
   float scale;
 };
 
+inline long long bwd_postprocess_blocks(SeqSide const& seq_q, int batch, int heads, int num_m) {
+  if (seq_q.packed()) return (long long)(seq_q.rows + BwdRows::kBlockM - 1) / BwdRows::kBlockM * heads;
+  return (long long)batch * heads * num_m;
+}
+
+// M-block m_block of sequence b (first tensor row `offset`, `seqlen` rows), head h.
 template <class Traits>
-__global__ void __launch_bounds__(256) bwd_postprocess_kernel(const BwdPostprocessArgs<Traits> args) {
+__device__ __forceinline__ void postprocess_tile(BwdPostprocessArgs<Traits> const& args, typename Traits::Element* tile,
+                                                 int b, int h, int m_block, int offset, int seqlen) {
   using namespace cute;
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM, kHeadDim = Traits::kHeadDim;
   constexpr int kPitch = kHeadDim + 8;  // elements
-  __shared__ alignas(16) Element tile[kBlockM * kPitch];
-  const int m_block = int(blockIdx.x % unsigned(args.num_m));
-  const int h = int(blockIdx.x / unsigned(args.num_m) % unsigned(args.heads));
-  const int b = int(blockIdx.x / unsigned(args.num_m) / unsigned(args.heads));
-  int offset, seqlen;
-  args.seq_q.extent(b, offset, seqlen);
-  if (m_block * kBlockM >= seqlen) return;  // past the sequence: no workspace tile
   const int tid = threadIdx.x;
   typename Traits::TiledMmadQ mma;
   auto thr = mma.get_thread_slice(tid);
@@ -71,6 +73,30 @@ __global__ void __launch_bounds__(256) bwd_postprocess_kernel(const BwdPostproce
       *reinterpret_cast<uint4*>(dst + row * st.row + c) = *reinterpret_cast<const uint4*>(&tile[r * kPitch + c]);
     }
   }
+  __syncthreads();  // the SMEM tile is free for the CTA's next M-block
+}
+
+template <class Traits>
+__global__ void __launch_bounds__(256) bwd_postprocess_kernel(const BwdPostprocessArgs<Traits> args) {
+  using Element = typename Traits::Element;
+  constexpr int kBlockM = Traits::kBlockM;
+  __shared__ alignas(16) Element tile[kBlockM * (Traits::kHeadDim + 8)];
+  int b, m_block, offset, seqlen;
+  if (args.seq_q.packed()) {
+    const int h = int(blockIdx.x % unsigned(args.heads));
+    const int block = int(blockIdx.x / unsigned(args.heads));
+    int seq = TilesStartingIn<kBlockM>::first(args.seq_q, args.batch, block);
+    while (TilesStartingIn<kBlockM>::next(args.seq_q, args.batch, block, seq, b, m_block, offset, seqlen)) {
+      postprocess_tile(args, tile, b, h, m_block, offset, seqlen);
+    }
+    return;
+  }
+  m_block = int(blockIdx.x % unsigned(args.num_m));
+  const int h = int(blockIdx.x / unsigned(args.num_m) % unsigned(args.heads));
+  b = int(blockIdx.x / unsigned(args.num_m) / unsigned(args.heads));
+  args.seq_q.extent(b, offset, seqlen);
+  if (m_block * kBlockM >= seqlen) return;  // past the sequence: no workspace tile
+  postprocess_tile(args, tile, b, h, m_block, offset, seqlen);
 }
 
 }  // namespace bwd

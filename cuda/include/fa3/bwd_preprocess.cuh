@@ -38,28 +38,24 @@ struct BwdPreprocessArgs {
   float* dq_accum;
   BwdRows ws_rows;
   SeqSide seq_q;
-  int heads;
-  int seq_rows;  // rows visited per (batch entry, head): the longest sequence's M-blocks
-  long long total_rows;  // batch * heads * seq_rows
+  int batch, heads;
+  int seq_rows;  // BSHD queries: rows visited per (batch entry, head), the seqlen's M-blocks
 };
 
-// Thread group r covers row i of (batch entry b, head h), r = (b * heads + h) * seq_rows + i. Rows past the
-// sequence's last M-block have no workspace rows (whole warps leave together: seq_rows and the M-blocks are
-// multiples of the 4 rows of a warp).
+// Blocks of the grid (bwd_preprocess_grid): BSHD queries, one group of 32 rows of one (batch entry, head) per block;
+// packed queries, one block per (64-row block of the tensor, head), taking the M-blocks that start in it
+// (TilesStartingIn), so that the grid follows the rows, not the number of sequences times their bound.
+inline long long bwd_preprocess_blocks(SeqSide const& seq_q, int batch, int heads, int seq_rows) {
+  if (seq_q.packed()) return (long long)(seq_q.rows + BwdRows::kBlockM - 1) / BwdRows::kBlockM * heads;
+  return ((long long)batch * heads * seq_rows + kPreprocessRowsPerBlock - 1) / kPreprocessRowsPerBlock;
+}
+
+// Row i of sequence b (first tensor row `offset`, `seqlen` rows), head h, by the kLanes lanes of its group (sub: the
+// lane's index). Rows in [seqlen, the M-blocks' end) are padding.
 template <class Element, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdPreprocessArgs<Element> args) {
+__device__ __forceinline__ void preprocess_row(BwdPreprocessArgs<Element> const& args, int b, int h, int offset,
+                                               int seqlen, int i, int sub) {
   constexpr int kLanes = kPreprocessLanesPerRow;
-  const long long r = (long long)blockIdx.x * kPreprocessRowsPerBlock + threadIdx.x / kLanes;
-  if (r >= args.total_rows) return;
-  const int sub = threadIdx.x % kLanes;
-  const int i = int(r % args.seq_rows);
-  const long long bh = r / args.seq_rows;
-  const int h = int(bh % args.heads);
-  const int b = int(bh / args.heads);
-  int offset, seqlen;
-  args.seq_q.extent(b, offset, seqlen);
-  constexpr int kBlockM = BwdRows::kBlockM;
-  if (i >= (seqlen + kBlockM - 1) / kBlockM * kBlockM) return;
   const int64_t ws_row = args.ws_rows.first_row(b, h, offset) + i;
 
   float4* dq_row = reinterpret_cast<float4*>(args.dq_accum + ws_row * kHeadDim);
@@ -104,6 +100,38 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdPreprocess
     args.dsum[ws_row] = acc;
     args.lse_log2[ws_row] = l;
   }
+}
+
+// BSHD queries: thread group r covers row i of (batch entry b, head h), r = (b * heads + h) * seq_rows + i; rows past
+// the sequence's last M-block have no workspace rows (whole warps leave together: seq_rows and the M-blocks are
+// multiples of the 4 rows of a warp). Packed queries: every group of the block takes rows of each M-block starting
+// in the block's rows, 32 at a time.
+template <class Element, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdPreprocessArgs<Element> args) {
+  constexpr int kBlockM = BwdRows::kBlockM;
+  const int group = threadIdx.x / kPreprocessLanesPerRow, sub = threadIdx.x % kPreprocessLanesPerRow;
+  if (args.seq_q.packed()) {
+    const int h = int(blockIdx.x % unsigned(args.heads));
+    const int block = int(blockIdx.x / unsigned(args.heads));
+    int seq = TilesStartingIn<kBlockM>::first(args.seq_q, args.batch, block);
+    int b, m_block, offset, seqlen;
+    while (TilesStartingIn<kBlockM>::next(args.seq_q, args.batch, block, seq, b, m_block, offset, seqlen)) {
+      for (int i = m_block * kBlockM + group; i < (m_block + 1) * kBlockM; i += kPreprocessRowsPerBlock) {
+        preprocess_row<Element, kHeadDim, kHeadDimV>(args, b, h, offset, seqlen, i, sub);
+      }
+    }
+    return;
+  }
+  const long long r = (long long)blockIdx.x * kPreprocessRowsPerBlock + group;
+  if (r >= (long long)args.batch * args.heads * args.seq_rows) return;
+  const int i = int(r % args.seq_rows);
+  const long long bh = r / args.seq_rows;
+  const int h = int(bh % args.heads);
+  const int b = int(bh / args.heads);
+  int offset, seqlen;
+  args.seq_q.extent(b, offset, seqlen);
+  if (i >= (seqlen + kBlockM - 1) / kBlockM * kBlockM) return;
+  preprocess_row<Element, kHeadDim, kHeadDimV>(args, b, h, offset, seqlen, i, sub);
 }
 
 }  // namespace bwd

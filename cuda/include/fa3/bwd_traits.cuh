@@ -160,7 +160,8 @@ struct BwdTraits {
     alignas(128) float lse[kStages][kBlockM];
     alignas(128) float dsum[kStages][kBlockM];
     typename MainloopPipeline::SharedStorage pipe;
-    alignas(16) uint64_t kv_barrier;
+    alignas(16) uint64_t kv_barrier;  // K and V of the CTA's current tile have landed
+    uint64_t kv_empty;                // the last tile's epilogue is done with the K / V buffers
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;  // + manual 1024-byte alignment
   static_assert(kSmemBytes <= 232448, "backward tile exceeds 227 KB of SMEM");
@@ -226,6 +227,8 @@ struct BwdArgs {
   Sequences seqs;         // each sequence's rows, lengths and mask (seqs.at<kVarlen>(b))
   int heads, kv_heads, batch, group;
   int num_m_blocks, num_n_blocks;  // of the longest sequences
+  int key_row_blocks;     // packed keys: blocks of kBlockN rows of the key tensor (bwd_block_order.cuh)
+  bool walk_key_blocks;   // the grid is over key_row_blocks (else over the longest sequence's key blocks)
   float scale_log2;       // softmax_scale * log2e (no softcap) or softcap * log2e (softcap)
   float softcap_pre;      // softmax_scale / softcap
   float softmax_scale;

@@ -44,6 +44,52 @@ struct SeqSide {
     if (used != nullptr) n = used[b];
     length = imax(0, imin(n, imin(len, rows - offset)));
   }
+
+  // Packed side (device): the last of the `batch` sequences that starts at or before `row` (0 if none does),
+  // by binary search over the offsets, which are nondecreasing in well-formed layouts.
+  FA3_HOST_DEVICE int last_starting_at(int row, int batch) const {
+    int lo = 0, hi = batch - 1, offset, length;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      extent(mid, offset, length);
+      if (offset <= row) lo = mid;
+      else hi = mid - 1;
+    }
+    return lo;
+  }
+};
+
+// The tiles of kBlock rows whose first row lies in row block `block` (rows [block * kBlock, (block + 1) * kBlock))
+// of a packed side, walked from a cursor `seq` (device; docs/kernels.md §10.2). Each tile of each sequence starts in
+// exactly one block and a sequence has at most one tile starting in a given block, so a grid of rows / kBlock CTAs,
+// each taking the tiles of its block, runs every tile once, whatever the number of sequences or their bound: usually
+// one or two tiles per CTA, more only where sequences are shorter than kBlock. Offsets are taken as nondecreasing
+// (the walk stops at the first sequence starting past the block); ill-formed ones may leave tiles out, never leave
+// the tensor. The cursor is one int, so that a kernel looping over its tiles keeps almost nothing live across them.
+template <int kBlock>
+struct TilesStartingIn {
+  // The cursor's start: the last sequence starting at or before the block.
+  static FA3_HOST_DEVICE int first(SeqSide const& side, int batch, int block) {
+    return side.last_starting_at(block * kBlock, batch);
+  }
+
+  // The next tile from cursor seq: sequence b's tile `tile` (its rows tile * kBlock..), with the sequence's extent;
+  // false when the block has no more.
+  static FA3_HOST_DEVICE bool next(SeqSide const& side, int batch, int block, int& seq, int& b, int& tile,
+                                   int& offset, int& length) {
+    const int first_row = block * kBlock, end_row = imin(first_row + kBlock, side.rows);
+    for (; seq < batch; ++seq) {
+      side.extent(seq, offset, length);
+      if (offset >= end_row) break;
+      tile = offset >= first_row ? 0 : (first_row - offset + kBlock - 1) / kBlock;
+      if (int64_t(tile) * kBlock < length && int64_t(offset) + int64_t(tile) * kBlock < end_row) {
+        b = seq++;
+        return true;
+      }
+    }
+    seq = batch;
+    return false;
+  }
 };
 
 // One sequence of a problem: its rows in the q and k tensors and its visibility rule.

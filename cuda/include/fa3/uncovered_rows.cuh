@@ -35,16 +35,7 @@ constexpr int kUncoveredRowsPerBlock = 8;  // one warp per row
 // Whether row `row` of batch entry b (packed: of the tensor, b ignored) belongs to a sequence.
 __device__ __forceinline__ bool row_covered(SeqSide const& side, int batch, int b, int row) {
   int offset, length;
-  if (side.packed()) {  // the last sequence starting at or before `row` (offsets are nondecreasing)
-    int lo = 0, hi = batch - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      side.extent(mid, offset, length);
-      if (offset <= row) lo = mid;
-      else hi = mid - 1;
-    }
-    b = lo;
-  }
+  if (side.packed()) b = side.last_starting_at(row, batch);
   side.extent(b, offset, length);
   return row >= offset && row < offset + length;
 }
