@@ -63,10 +63,21 @@ class FfiOp:
                                                            **attributes, **flags)
     return dict(zip(self.results, results))
 
+  @property
+  def outputs(self) -> tuple[str, ...]:
+    """The results the caller sees (all but the scratch workspace)."""
+    return tuple(n for n in self.results if n != "workspace")
+
 
 FWD = FfiOp("fa3_jax_fwd", operands=("q", "k", "v"), results=("out", "lse", "workspace"), optional=SEQUENCE_ARRAYS)
 BWD = FfiOp("fa3_jax_bwd", operands=("dout", "q", "k", "v", "out", "lse"),
             results=("dq", "dk", "dv", "workspace"), optional=("dlse", *SEQUENCE_ARRAYS))
+
+# What each tensor the tables name is shaped like: q-like or k-like rows with head dim d ("d") or d_v ("e"), or a
+# row statistic of the queries ("lse"). The sharding layer derives its Shardy rules and partition specs from this and
+# the tables (fa3_jax/sharding.py), so an operand's position is written only in its table.
+TENSOR_KINDS = {"q": ("q", "d"), "dq": ("q", "d"), "out": ("q", "e"), "dout": ("q", "e"), "k": ("kv", "d"),
+                "dk": ("kv", "d"), "v": ("kv", "e"), "dv": ("kv", "e"), "lse": ("lse",), "dlse": ("lse",)}
 
 
 # ---- which kernels exist ---------------------------------------------------------------------------------------

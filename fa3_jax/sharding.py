@@ -91,6 +91,11 @@ class Layout:
       return P(_entry(self.heads), None)
     return P(_entry(self.batch), _entry(self.heads), _entry(self.seq))
 
+  def spec_of(self, name: str):
+    """The spec of the tensor an op table names (`_ops.TENSOR_KINDS`)."""
+    kind = _ops.TENSOR_KINDS[name][0]
+    return self.lse_spec if kind == "lse" else self.q_spec if kind == "q" else self.kv_spec
+
   @property
   def sequences_spec(self):
     """The sequence layout's arrays: split with the batch (a segmented layout's (batch, segments, 2)), else
@@ -216,23 +221,29 @@ def _resharded_sequences(sequences: SequenceLayout, layout: Layout) -> SequenceL
   return jax.tree.map(lambda x: _reshard(x, layout.sequences_spec), sequences)
 
 
+def _specs(layout: Layout, names) -> tuple:
+  return tuple(layout.spec_of(n) for n in names)
+
+
+# The backward's tensor operands (the table's, then the optional lse cotangent), before the sequence layout.
+_BWD_TENSORS = (*_ops.BWD.operands, "dlse")
+
+
 def _explicit_fwd(mesh, layout, q, k, v, sequences, cfg):
   body = functools.partial(local_fwd, cfg=cfg, layout=layout)
-  q, k, v = _reshard(q, layout.q_spec), _reshard(k, layout.kv_spec), _reshard(v, layout.kv_spec)
-  return jax.shard_map(body, mesh=mesh, in_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec,
-                                                  layout.sequences_spec),
-                       out_specs=(layout.q_spec, layout.lse_spec))(q, k, v, _resharded_sequences(sequences, layout))
+  specs = _specs(layout, _ops.FWD.operands)
+  args = [_reshard(x, s) for x, s in zip((q, k, v), specs)]
+  return jax.shard_map(body, mesh=mesh, in_specs=(*specs, layout.sequences_spec),
+                       out_specs=_specs(layout, _ops.FWD.outputs))(*args, _resharded_sequences(sequences, layout))
 
 
 def _explicit_bwd(mesh, layout, dout, q, k, v, out, lse, dlse, sequences, cfg):
   originals = [jax.typeof(x).sharding.spec for x in (q, k, v)]
-  specs = (layout.q_spec, layout.q_spec, layout.kv_spec, layout.kv_spec, layout.q_spec, layout.lse_spec,
-           layout.lse_spec)
+  specs = _specs(layout, _BWD_TENSORS)
   args = [None if x is None else _reshard(x, s) for x, s in zip((dout, q, k, v, out, lse, dlse), specs)]
   body = functools.partial(local_bwd, cfg=cfg, layout=layout)
   grads = jax.shard_map(body, mesh=mesh, in_specs=(*specs, layout.sequences_spec),
-                        out_specs=(layout.q_spec, layout.kv_spec, layout.kv_spec))(
-                            *args, _resharded_sequences(sequences, layout))
+                        out_specs=_specs(layout, _ops.BWD.outputs))(*args, _resharded_sequences(sequences, layout))
   # Cotangents must carry their primals' types (shardings included).
   return tuple(_reshard(g, s) for g, s in zip(grads, originals))
 
@@ -244,9 +255,10 @@ def _named(sharding):
   return sharding.spec if isinstance(sharding, NamedSharding) else None
 
 
-def _layout_from(mesh, arg_shapes, sequences: SequenceLayout):
-  spec = _named(arg_shapes[0].sharding)
-  return plan(spec if spec is not None else P(), mesh.shape, arg_shapes[0].shape, arg_shapes[1].shape, sequences)
+def _layout_from(mesh, q, k, sequences: SequenceLayout):
+  """The Layout from q's sharding at compile time (q, k: the operands' shapes / shardings)."""
+  spec = _named(q.sharding)
+  return plan(spec if spec is not None else P(), mesh.shape, q.shape, k.shape, sequences)
 
 
 def _heads_factors(mesh, h: int, hk: int):
@@ -285,8 +297,15 @@ class _Factors:
   def lse(self) -> str:
     return f"{self.hq} s" if self.packed_q else f"b {self.hq} s"
 
-  def rule(self, operands, results):
-    rule = f"{', '.join(operands)} -> {', '.join(results)}"
+  def of(self, name: str) -> str:
+    """The fragment of the tensor an op table names (`_ops.TENSOR_KINDS`)."""
+    kind, *dim = _ops.TENSOR_KINDS[name]
+    return self.lse if kind == "lse" else self.q(*dim) if kind == "q" else self.kv(*dim)
+
+  def rule(self, operand_names, result_names):
+    """The rule of an op's named tensor operands, then the sequence layout's, and its named results."""
+    operands = [*(self.of(n) for n in operand_names), *self.sequences]
+    rule = f"{', '.join(operands)} -> {', '.join(self.of(n) for n in result_names)}"
     # Special factors must be listed in order of first appearance (docs/integration.md §5.5).
     first = dict.fromkeys(re.findall(r"\w+", rule))
     return rule, {**self.sizes, "need_replication_factors": tuple(f for f in first if f in self.replicated)}
@@ -302,23 +321,29 @@ def _factors(mesh, q_type, k_type, sequences: SequenceLayout) -> _Factors:
   return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands, frozenset(replicated), sizes)
 
 
-# The partitioned functions take the sequence layout flattened: its treedef (static: which arrays are present, the
-# bounds) and its arrays after the other operands.
+# The partitioned functions take an op table's tensor operands (the backward's with the optional lse cotangent after
+# them), then the sequence layout flattened: its treedef (static: which arrays are present, the bounds) and arrays.
+
+def _split(names, args, tree):
+  """(the tensor operands by name, the sequence layout) of a partitioned function's operands."""
+  return dict(zip(names, args)), jax.tree.unflatten(tree, args[len(names):])
+
 
 def _fwd_rule(cfg, tree, mesh, operand_types, result_types):
-  f = _factors(mesh, operand_types[0], operand_types[1], jax.tree.unflatten(tree, operand_types[3:]))
-  return f.rule([f.q("d"), f.kv("d"), f.kv("e"), *f.sequences], [f.q("e"), f.lse])
+  t, sequences = _split(_ops.FWD.operands, operand_types, tree)
+  return _factors(mesh, t["q"], t["k"], sequences).rule(_ops.FWD.operands, _ops.FWD.outputs)
 
 
 def _fwd_partition(cfg, tree, mesh, arg_shapes, result_shape):
-  layout = _layout_from(mesh, arg_shapes, jax.tree.unflatten(tree, arg_shapes[3:]))
+  t, sequences = _split(_ops.FWD.operands, arg_shapes, tree)
+  layout = _layout_from(mesh, t["q"], t["k"], sequences)
   s = lambda spec: NamedSharding(mesh, spec)
 
   def lower(q, k, v, *leaves):
     return local_fwd(q, k, v, jax.tree.unflatten(tree, leaves), cfg, layout)
 
-  return (mesh, lower, (s(layout.q_spec), s(layout.lse_spec)),
-          (s(layout.q_spec), s(layout.kv_spec), s(layout.kv_spec), *[s(layout.sequences_spec)] * tree.num_leaves))
+  return (mesh, lower, tuple(map(s, _specs(layout, _ops.FWD.outputs))),
+          tuple(map(s, _specs(layout, _ops.FWD.operands) + (layout.sequences_spec,) * tree.num_leaves)))
 
 
 def _partitioned_fwd(cfg, tree, q, k, v, *leaves):
@@ -330,37 +355,37 @@ _partitioned_fwd = custom_partitioning(_partitioned_fwd, static_argnums=(0, 1))
 _partitioned_fwd.def_partition(_fwd_partition, sharding_rule=_fwd_rule)
 
 
-def _dlse_and_sequences(with_dlse: bool, tree, rest):
-  """(dlse or None, the sequence layout) from the backward's operands after lse."""
-  return (rest[0] if with_dlse else None), jax.tree.unflatten(tree, rest[1:] if with_dlse else rest)
+def _bwd_tensors(with_dlse: bool) -> tuple[str, ...]:
+  return _BWD_TENSORS if with_dlse else _ops.BWD.operands
 
 
 def _bwd_rule(cfg, with_dlse, tree, mesh, operand_types, result_types):
-  # operands: dout, q, k, v, out, lse[, dlse], sequence layout; results: dq, dk, dv
-  _, sequences = _dlse_and_sequences(with_dlse, tree, operand_types[6:])
-  f = _factors(mesh, operand_types[1], operand_types[2], sequences)
-  dlse = [f.lse] if with_dlse else []
-  operands = [f.q("e"), f.q("d"), f.kv("d"), f.kv("e"), f.q("e"), f.lse, *dlse, *f.sequences]
-  return f.rule(operands, [f.q("d"), f.kv("d"), f.kv("e")])
+  t, sequences = _split(_bwd_tensors(with_dlse), operand_types, tree)
+  return _factors(mesh, t["q"], t["k"], sequences).rule(_bwd_tensors(with_dlse), _ops.BWD.outputs)
+
+
+def _local_bwd_of(names, args, tree, cfg, layout_of):
+  """local_bwd of a partitioned backward's operands; layout_of(t, sequences) gives the shard's Layout."""
+  t, sequences = _split(names, args, tree)
+  return local_bwd(*(t.get(n) for n in _BWD_TENSORS), sequences, cfg, layout_of(t, sequences))
 
 
 def _bwd_partition(cfg, with_dlse, tree, mesh, arg_shapes, result_shape):
-  _, sequences = _dlse_and_sequences(with_dlse, tree, arg_shapes[6:])
-  layout = _layout_from(mesh, arg_shapes[1:], sequences)
+  names = _bwd_tensors(with_dlse)
+  t, sequences = _split(names, arg_shapes, tree)
+  layout = _layout_from(mesh, t["q"], t["k"], sequences)
   s = lambda spec: NamedSharding(mesh, spec)
-  q_s, kv_s, lse_s = s(layout.q_spec), s(layout.kv_spec), s(layout.lse_spec)
 
-  def lower(dout, q, k, v, out, lse, *rest):
-    return local_bwd(dout, q, k, v, out, lse, *_dlse_and_sequences(with_dlse, tree, rest), cfg, layout)
+  def lower(*args):
+    return _local_bwd_of(names, args, tree, cfg, lambda *_: layout)
 
-  args = ((q_s, q_s, kv_s, kv_s, q_s, lse_s) + ((lse_s,) if with_dlse else ())
-          + (s(layout.sequences_spec),) * tree.num_leaves)
-  return mesh, lower, (q_s, kv_s, kv_s), args
+  args = _specs(layout, names) + (layout.sequences_spec,) * tree.num_leaves
+  return mesh, lower, tuple(map(s, _specs(layout, _ops.BWD.outputs))), tuple(map(s, args))
 
 
-def _partitioned_bwd(cfg, with_dlse, tree, dout, q, k, v, out, lse, *rest):
-  dlse, sequences = _dlse_and_sequences(with_dlse, tree, rest)
-  return tuple(local_bwd(dout, q, k, v, out, lse, dlse, sequences, cfg, plan(P(), {}, q.shape, k.shape, sequences)))
+def _partitioned_bwd(cfg, with_dlse, tree, *args):
+  return tuple(_local_bwd_of(_bwd_tensors(with_dlse), args, tree, cfg,
+                             lambda t, sequences: plan(P(), {}, t["q"].shape, t["k"].shape, sequences)))
 
 
 _partitioned_bwd = custom_partitioning(_partitioned_bwd, static_argnums=(0, 1, 2))
