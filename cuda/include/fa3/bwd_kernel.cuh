@@ -1,8 +1,9 @@
-// Backward main kernel (docs/kernels.md §3.3): KV-stationary, one CTA per (key block, kv head, sequence), or with
-// packed keys per block of the key tensor's rows, running the key tiles that start there one after another
-// (BwdTiles, bwd_block_order.cuh); key blocks past their sequence's keys are skipped by every role alike.
+// Backward main kernel (docs/kernels.md §3.3): KV-stationary, one CTA per (key block, kv head, sequence), or, where
+// that grid would be mostly empty (packed keys of many short or empty sequences), per block of the key tensor's rows,
+// running the key tiles that start there one after another (BwdTiles, bwd_block_order.cuh); key blocks past their
+// sequence's keys are skipped by every role alike.
 //
-// Warpgroup 0 is the producer: thread 0 loads K and V once (one transaction barrier), then streams Q, dO and the
+// Warpgroup 0 is the producer: thread 0 loads a tile's K and V once (one transaction barrier), then streams Q, dO and the
 // rows' lse / D of every (query head of the GQA group, visited M-block) through a 2-stage TMA pipeline; on the bulk
 // dQ path its warp 1 is the dQ writer (bwd_dq.cuh). Warpgroups 1-2 consume, in one of two forms (bwd_traits.cuh):
 //   RS (d <= 128)                         SS (d = 192, 256)
