@@ -225,8 +225,8 @@ def _specs(layout: Layout, names) -> tuple:
   return tuple(layout.spec_of(n) for n in names)
 
 
-# The backward's tensor operands (the table's, then the optional lse cotangent), before the sequence layout.
-_BWD_TENSORS = (*_ops.BWD.operands, "dlse")
+# The backward's tensor operands: the table's, then its optional tensors (the lse cotangent), before the layout's.
+_BWD_TENSORS = (*_ops.BWD.operands, *(n for n in _ops.BWD.optional if n in _ops.TENSOR_KINDS))
 
 
 def _explicit_fwd(mesh, layout, q, k, v, sequences, cfg):
