@@ -368,7 +368,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
     Tensor sdV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutdVOut{});
     stage(tdKrdK, mma_dk, sdK, args.softmax_scale);
     stage(tdVrdV, mma_dv, sdV, 1.f);
-    // Packed keys take the row writes: see BwdDKVOut.
+    // Packed keys take the row writes: see BwdDKVOut. Only they can be followed by another tile of the CTA (BwdTiles
+    // walks packed keys), so only the row writes release kv_empty.
     if (Traits::kTmaStoreDKV && !(kVarlen && args.seqs.k.packed())) {
       if constexpr (Traits::kTmaStoreDKV) {
         cutlass::arch::fence_view_async_shared();  // generic-proxy SMEM writes, read next by the TMA (async proxy)
@@ -385,7 +386,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) bwd_kernel(const __gri
           store(args.dkv_out.tma_dv, args.shape_v, sdV, Shape<BN, DV>{});
           tma_store_arrive();
           tma_store_wait<0>();  // the SMEM source must outlive the copies' reads
-          cutlass::arch::ClusterBarrier::arrive(&ss.kv_empty);
         }
       }
     } else {

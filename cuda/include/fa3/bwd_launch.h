@@ -55,6 +55,22 @@ struct BwdRows {
   }
 };
 
+// The preprocess / postprocess grid of packed queries: one CTA per (kBlockM rows of the tensor, head), head fastest,
+// each taking the M-blocks that start in its rows (TilesStartingIn), so that the grid follows the rows, not the
+// number of sequences times their bound.
+struct PackedRowBlocks {
+  static long long count(int rows, int heads) {
+    return (long long)(rows + BwdRows::kBlockM - 1) / BwdRows::kBlockM * heads;
+  }
+#ifdef __CUDACC__
+  // (row block, head) of this CTA.
+  __device__ static void of_cta(int heads, int& block, int& head) {
+    head = int(blockIdx.x % unsigned(heads));
+    block = int(blockIdx.x / unsigned(heads));
+  }
+#endif
+};
+
 // Workspace sections (byte offsets, each 256-aligned), over the rows of BwdRows:
 //   [sem]  int32 per M-block of rows: deterministic dQ turn counters                (zeroed; deterministic only)
 //   [dq]   fp32 dQ accumulator, per M-block one kBlockM x d tile in MMA-fragment order (zeroed by the preprocess)

@@ -33,7 +33,7 @@ struct BwdPostprocessArgs {
 };
 
 inline long long bwd_postprocess_blocks(SeqSide const& seq_q, int batch, int heads, int num_m) {
-  if (seq_q.packed()) return (long long)(seq_q.rows + BwdRows::kBlockM - 1) / BwdRows::kBlockM * heads;
+  if (seq_q.packed()) return PackedRowBlocks::count(seq_q.rows, heads);
   return (long long)batch * heads * num_m;
 }
 
@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(256) bwd_postprocess_kernel(const BwdPostproce
   __shared__ alignas(16) Element tile[kBlockM * (Traits::kHeadDim + 8)];
   int b, m_block, offset, seqlen;
   if (args.seq_q.packed()) {
-    const int h = int(blockIdx.x % unsigned(args.heads));
-    const int block = int(blockIdx.x / unsigned(args.heads));
+    int block, h;
+    PackedRowBlocks::of_cta(args.heads, block, h);
     int seq = TilesStartingIn<kBlockM>::first(args.seq_q, args.batch, block);
     while (TilesStartingIn<kBlockM>::next(args.seq_q, args.batch, block, seq, b, m_block, offset, seqlen)) {
       postprocess_tile(args, tile, b, h, m_block, offset, seqlen);

@@ -42,11 +42,10 @@ struct BwdPreprocessArgs {
   int seq_rows;  // BSHD queries: rows visited per (batch entry, head), the seqlen's M-blocks
 };
 
-// Blocks of the grid (bwd_preprocess_grid): BSHD queries, one group of 32 rows of one (batch entry, head) per block;
-// packed queries, one block per (64-row block of the tensor, head), taking the M-blocks that start in it
-// (TilesStartingIn), so that the grid follows the rows, not the number of sequences times their bound.
+// Blocks of the grid: BSHD queries, one group of 32 rows of one (batch entry, head) per block; packed queries,
+// PackedRowBlocks.
 inline long long bwd_preprocess_blocks(SeqSide const& seq_q, int batch, int heads, int seq_rows) {
-  if (seq_q.packed()) return (long long)(seq_q.rows + BwdRows::kBlockM - 1) / BwdRows::kBlockM * heads;
+  if (seq_q.packed()) return PackedRowBlocks::count(seq_q.rows, heads);
   return ((long long)batch * heads * seq_rows + kPreprocessRowsPerBlock - 1) / kPreprocessRowsPerBlock;
 }
 
@@ -111,8 +110,8 @@ __global__ void __launch_bounds__(256) bwd_preprocess_kernel(const BwdPreprocess
   constexpr int kBlockM = BwdRows::kBlockM;
   const int group = threadIdx.x / kPreprocessLanesPerRow, sub = threadIdx.x % kPreprocessLanesPerRow;
   if (args.seq_q.packed()) {
-    const int h = int(blockIdx.x % unsigned(args.heads));
-    const int block = int(blockIdx.x / unsigned(args.heads));
+    int block, h;
+    PackedRowBlocks::of_cta(args.heads, block, h);
     int seq = TilesStartingIn<kBlockM>::first(args.seq_q, args.batch, block);
     int b, m_block, offset, seqlen;
     while (TilesStartingIn<kBlockM>::next(args.seq_q, args.batch, block, seq, b, m_block, offset, seqlen)) {
