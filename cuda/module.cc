@@ -18,6 +18,7 @@ extern "C" XLA_FFI_Error* fa3_jax_fwd(XLA_FFI_CallFrame* call_frame);
 #ifdef FA3_JAX_HAS_BWD
 extern "C" XLA_FFI_Error* fa3_jax_bwd(XLA_FFI_CallFrame* call_frame);
 #endif
+extern "C" XLA_FFI_Error* fa3_jax_segment_layout(XLA_FFI_CallFrame* call_frame);
 
 namespace {
 
@@ -52,6 +53,7 @@ NB_MODULE(_fa3_jax_cuda, m) {
 #ifdef FA3_JAX_HAS_BWD
     targets["fa3_jax_bwd"] = handler_capsule(fa3_jax_bwd);
 #endif
+    targets["fa3_jax_segment_layout"] = handler_capsule(fa3_jax_segment_layout);
     return targets;
   }, "XLA FFI target name -> handler capsule, for jax.ffi.register_ffi_target(platform='CUDA').");
 

@@ -79,21 +79,24 @@ class SequenceLayout:
   max_seqlen is a packed side's static bound and a BSHD side's seqlen. No value of the arrays reaches outside the
   tensors; well-formed ones (cu nondecreasing from 0, cu[-1] <= total, seqused <= the allotment) do as documented.
 
-  A segmented layout (segments_q, segments_k: (batch, max_segments, 2) int32, nothing else) keeps both sides BSHD:
-  segment m of batch row b is the query rows [start, start + length) of that row, (start, length) =
-  segments_q[b, m], attending the key rows segments_k[b, m] of the same row. The shard-local ops run it as the
-  packing of the batch's rows back to back (`packing`), so batch and heads shard like a dense call's.
+  A segmented layout (segment_ids_q (batch, seqlen_q) int32 and, unless they are the same ids, segment_ids_k
+  (batch, seqlen_k); nothing else) keeps both sides BSHD: each batch row holds runs of one non-negative id
+  (segments), and a segment's queries attend the key run of the same id in the same row (docs/integration.md §4.9).
+  max_segments, static, bounds the runs of any row. The shard-local ops run it as the packing of the batch's rows
+  back to back (`fa3_jax._segments.packing`), so batch and heads shard like a dense call's.
   """
 
   cu_seqlens_q: jax.Array | None = None
   cu_seqlens_k: jax.Array | None = None
   seqused_q: jax.Array | None = None
   seqused_k: jax.Array | None = None
-  # Segmented: both sides BSHD, each batch row holding several sequences (segments; see `packing`).
-  segments_q: jax.Array | None = None
-  segments_k: jax.Array | None = None
+  # Segmented: both sides BSHD, each batch row holding several sequences (segments). segment_ids_k None: the ids
+  # of q serve both sides (self-attention).
+  segment_ids_q: jax.Array | None = None
+  segment_ids_k: jax.Array | None = None
   max_seqlen_q: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed q only
   max_seqlen_k: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed k only
+  max_segments: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # segmented only
 
   @property
   def packed_q(self) -> bool:
@@ -105,39 +108,12 @@ class SequenceLayout:
 
   @property
   def segmented(self) -> bool:
-    return self.segments_q is not None
+    return self.segment_ids_q is not None
 
   @property
   def uniform(self) -> bool:
     """Every sequence is its batch entry's whole seqlen (BSHD on both sides, no seqused, no segments)."""
     return all(getattr(self, name) is None for name in SEQUENCE_ARRAYS) and not self.segmented
-
-  def packing(self, seqlen_q: int, seqlen_k: int) -> "SequenceLayout":
-    """A segmented layout as the packed one of its batch's rows back to back, (batch * seqlen, heads, dim) per side:
-    batch * max_segments sequences, the segments with rows first, in order (segment m of row b at offset
-    b * seqlen + start, seqused its length), then the empty ones. The packing is well-formed when each row's starts
-    are nondecreasing and its segments disjoint, as `fa3_jax._segments` builds them; other values are clamped like
-    any packing's."""
-    def side(segments, seqlen):
-      batch = segments.shape[0]
-      starts = segments[..., 0] + seqlen * jnp.arange(batch, dtype=jnp.int32)[:, None]
-      return starts.reshape(-1), segments[..., 1].reshape(-1), batch * seqlen
-
-    (starts_q, used_q, total_q), (starts_k, used_k, total_k) = (side(self.segments_q, seqlen_q),
-                                                                side(self.segments_k, seqlen_k))
-    # The sequences that have rows come first, in order, and the empty slots after them, at the tensors' end: the
-    # kernels' walks over the sequences stop there (docs/kernels.md §10.2), so the unused slots of a generous
-    # max_segments cost (almost) nothing.
-    real = (used_q > 0) | (used_k > 0)
-    slot = jnp.where(real, jnp.cumsum(real) - 1, real.sum() + jnp.cumsum(~real) - 1)
-
-    def compact(values, empty):
-      return jnp.full_like(values, empty).at[slot].set(jnp.where(real, values, empty), unique_indices=True)
-
-    cu_q, cu_k = (jnp.append(compact(x, total), jnp.int32(total)) for x, total in ((starts_q, total_q),
-                                                                                  (starts_k, total_k)))
-    return SequenceLayout(cu_q, cu_k, compact(used_q, 0), compact(used_k, 0), max_seqlen_q=seqlen_q,
-                          max_seqlen_k=seqlen_k)
 
   def arrays(self) -> dict:
     """The arrays by name (absent ones None), in the kernels' operand order."""

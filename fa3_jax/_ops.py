@@ -19,6 +19,10 @@ The contract with cuda/ffi/ (written once, here and in the handlers' comments):
   Each op's operand list is one `FfiOp` table below. Optional operands follow the required ones in table order, and
   each is present iff the bool attribute `with_<name>` is true (cuda/ffi/optional_operands.h decodes the same rule).
 
+  "fa3_jax_segment_layout"  operands segment_ids (b, s) int32
+                 results  cu_seqlens (b * m + 1), seqused (b * m) int32, workspace (b) int32
+                 attrs    max_segments i64 (m): shared segment ids as the packing of _segments.packing, bit for bit
+
   Windows arrive resolved (AttentionConfig.resolved_window): query i may attend key j iff
   i + s_k - s_q - window_left <= j <= i + s_k - s_q + window_right, with no -1 sentinels. The workspace size n
   comes from the extension (`{fwd,bwd}_workspace_bytes`); XLA owns the buffer and Python drops it.
@@ -37,6 +41,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from fa3_jax import _extension
+from fa3_jax import _segments
 from fa3_jax import reference
 from fa3_jax._config import SEQUENCE_ARRAYS
 from fa3_jax._config import AttentionConfig
@@ -59,8 +64,8 @@ class FfiOp:
                       f"got {sorted(operands)}")
     present = [n for n in self.optional if operands.get(n) is not None]
     flags = {f"with_{n}": n in present for n in self.optional}
-    results = jax.ffi.ffi_call(self.target, result_types)(*(operands[n] for n in (*self.operands, *present)),
-                                                           **attributes, **flags)
+    call = jax.ffi.ffi_call(self.target, result_types)
+    results = call(*(operands[n] for n in (*self.operands, *present)), **attributes, **flags)
     return dict(zip(self.results, results))
 
   @property
@@ -72,6 +77,9 @@ class FfiOp:
 FWD = FfiOp("fa3_jax_fwd", operands=("q", "k", "v"), results=("out", "lse", "workspace"), optional=SEQUENCE_ARRAYS)
 BWD = FfiOp("fa3_jax_bwd", operands=("dout", "q", "k", "v", "out", "lse"),
             results=("dq", "dk", "dv", "workspace"), optional=("dlse", *SEQUENCE_ARRAYS))
+# Called inside the attention ops, so a vmap reaches it folded into more batch rows (fold_sequences).
+SEGMENT_LAYOUT = FfiOp("fa3_jax_segment_layout", operands=("segment_ids",),
+                       results=("cu_seqlens", "seqused", "workspace"))
 
 # What each tensor the tables name is shaped like: q-like or k-like rows with head dim d ("d") or d_v ("e"), or a
 # row statistic of the queries ("lse"). The sharding layer derives its Shardy rules and partition specs from this and
@@ -215,9 +223,8 @@ def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int) 
     shift = rows * jnp.arange(n, dtype=jnp.int32)[:, None]
     return jnp.append(_merge(offset + shift), jnp.int32(n * rows)), _merge(length)
 
-  if sequences.segmented:  # BSHD sides: the copies' rows (and their segments) are more batch rows
-    return dataclasses.replace(sequences, segments_q=_merge(sequences.segments_q),
-                               segments_k=_merge(sequences.segments_k))
+  if sequences.segmented:  # BSHD sides: the copies' rows (and their segment ids) are more batch rows
+    return jax.tree.map(_merge, sequences)
   (cu_q, used_q), (cu_k, used_k) = side("q", rows_q), side("k", rows_k)
   return dataclasses.replace(sequences, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k)
 
@@ -319,31 +326,52 @@ def bwd_kernel(dout, q, k, v, out, lse, dlse=None, *, cfg: AttentionConfig,
 
 # ---- the two directions, dispatched --------------------------------------------------------------------------
 
+def segment_kernel(ids, max_segments: int) -> SequenceLayout:
+  """The packed layout of shared segment ids (b, s) by the CUDA derivation (lowers for the cuda platform only)."""
+  b, s = ids.shape
+  result_types = [_result_type(ids, shape, jnp.int32) for shape in ((b * max_segments + 1,), (b * max_segments,), (b,))]
+  with jax.named_scope("fa3_segment_layout"):
+    r = SEGMENT_LAYOUT(result_types, dict(segment_ids=ids), max_segments=np.int64(max_segments))
+  return SequenceLayout(r["cu_seqlens"], r["cu_seqlens"], r["seqused"], r["seqused"], max_seqlen_q=s, max_seqlen_k=s)
+
+
+def segment_packing(sequences: SequenceLayout) -> SequenceLayout:
+  """The packed layout the kernels run a segmented one as (_segments.packing: the batch's rows back to back).
+  Shared ids (self-attention) are derived by one small CUDA pass (fa3_jax_segment_layout), which costs a few
+  microseconds where XLA's scans and scatters cost tens; distinct q / kv ids, whose key runs are matched by id,
+  derive in XLA."""
+  if sequences.segment_ids_k is None:
+    return segment_kernel(sequences.segment_ids_q, sequences.max_segments)
+  return _segments.packing(sequences)
+
+
 def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
   """(out, lse): the CUDA kernel on a GPU where one was built for these inputs, else the reference. q, k, v are
-  BSHD, or packed where `sequences` says so (fwd_kernel gives the shapes). A segmented layout runs as its packing:
-  it is shard-local here, so the batch may have been sharded above."""
-  if sequences.segmented:
+  BSHD, or packed where `sequences` says so (fwd_kernel gives the shapes). A segmented layout runs on the kernels
+  as its packing (segment_packing) and on the reference as BSHD masked by segment; it is shard-local here, so the
+  batch may have been sharded above."""
+  def kernel_fwd(q, k, v, sequences):
+    if not sequences.segmented:
+      return fwd_kernel(q, k, v, cfg, sequences)
     # The batch's rows back to back: the same reshapes as n vmapped copies folded into one packing.
-    out, lse = attention_fwd(_merge(q), _merge(k), _merge(v), cfg, sequences.packing(q.shape[1], k.shape[1]))
+    out, lse = fwd_kernel(_merge(q), _merge(k), _merge(v), cfg, segment_packing(sequences))
     return out.reshape(*q.shape[:-1], -1), _split_lse(lse, q.shape[0], packed=True)
-  return _dispatch("fwd", lambda q, k, v, s: fwd_kernel(q, k, v, cfg, s),
-                   lambda q, k, v, s: reference.varlen_forward(q, k, v, cfg, s),
+
+  return _dispatch("fwd", kernel_fwd, lambda q, k, v, s: reference.varlen_forward(q, k, v, cfg, s),
                    q.dtype, q.shape[-1], v.shape[-1], q, k, v, sequences)
 
 
 def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None,
                   sequences: SequenceLayout = SequenceLayout()):
   """(dq, dk, dv): the CUDA kernel on a GPU where one was built for these inputs, else the reference. dlse (lse's
-  cotangent, lse's shape, float32) is optional. A segmented layout runs as its packing, as in attention_fwd."""
-  if sequences.segmented:
-    grads = attention_bwd(*map(_merge, (dout, q, k, v, out)), _merge_lse(lse, packed=True), cfg,
-                          dlse=None if dlse is None else _merge_lse(dlse, packed=True),
-                          sequences=sequences.packing(q.shape[1], k.shape[1]))
-    return tuple(g.reshape(x.shape) for g, x in zip(grads, (q, k, v)))
-
+  cotangent, lse's shape, float32) is optional. Segmented layouts as in attention_fwd."""
   def kernel_bwd(dout, q, k, v, out, lse, dlse, sequences):
-    return bwd_kernel(dout, q, k, v, out, lse, dlse, cfg=cfg, sequences=sequences)
+    if not sequences.segmented:
+      return bwd_kernel(dout, q, k, v, out, lse, dlse, cfg=cfg, sequences=sequences)
+    grads = bwd_kernel(*map(_merge, (dout, q, k, v, out)), _merge_lse(lse, packed=True),
+                       None if dlse is None else _merge_lse(dlse, packed=True), cfg=cfg,
+                       sequences=segment_packing(sequences))
+    return tuple(g.reshape(x.shape) for g, x in zip(grads, (q, k, v)))
 
   def reference_bwd(dout, q, k, v, out, lse, dlse, sequences):
     return reference.varlen_backward(q, k, v, out, lse, dout, cfg, sequences, dlse=dlse)

@@ -1,5 +1,6 @@
-"""Segment ids as a segmented SequenceLayout, computed on device (under jit, from traced ids) with fixed-size arrays:
-every batch row has max_segments slots, the unused ones empty. docs/integration.md §4.9."""
+"""Segment ids as a packed SequenceLayout, in XLA, under jit, from traced ids, with fixed-size arrays: the definition
+that the reference path and distinct q / kv ids use, and that the CUDA derivation of shared ids
+(cuda/include/fa3/segment_layout.cuh, through _ops.segment_packing) reproduces exactly. docs/integration.md §4.9."""
 
 from __future__ import annotations
 
@@ -12,21 +13,42 @@ from fa3_jax._config import SequenceLayout
 _NO_ID = np.iinfo(np.int32).max  # sorts after every id: empty key slots are never matched
 
 
+def _run_starts(ids):
+  """(..., s) bool: where a run of equal non-negative ids begins (negative ids, padding, belong to no run)."""
+  previous = jnp.concatenate([jnp.full_like(ids[..., :1], -1), ids[..., :-1]], axis=-1)
+  return (ids >= 0) & (ids != previous)
+
+
+def run_coordinates(ids):
+  """(index, length) (..., s) int32: each position's index within its run and that run's length (arbitrary at
+  padding, which belongs to no run)."""
+  s = ids.shape[-1]
+  position = jnp.arange(s, dtype=jnp.int32)
+  following = jnp.concatenate([ids[..., 1:], jnp.full_like(ids[..., :1], -1)], axis=-1)
+  ends = (ids >= 0) & (ids != following)
+  start = jax.lax.cummax(jnp.where(_run_starts(ids), position, 0), axis=ids.ndim - 1)
+  end = jax.lax.cummin(jnp.where(ends, position, s), axis=ids.ndim - 1, reverse=True)
+  return position - start, end - start + 1
+
+
+def run_counts(ids):
+  """The runs of each row of ids (..., s) int32: (...,) int32."""
+  return _run_starts(ids).sum(axis=-1, dtype=jnp.int32)
+
+
 def _runs(ids, max_segments: int):
-  """The runs of equal non-negative ids of each row of ids (b, s) int32, in order, the first max_segments of them:
-  (starts, lengths, run_ids) (b, max_segments) int32, empty slots (s, 0, -1); and the number of runs per row (b,).
-  Tokens with negative ids (padding) belong to no run. Written per row and vmapped, so that the scatters carry the
-  batch as a batching dimension, which XLA partitions with a sharded batch instead of reducing across it."""
+  """The runs of each row of ids (b, s) int32, in order, the first max_segments of them: (starts, lengths, run_ids)
+  (b, max_segments) int32, empty slots (s, 0, -1). Written per row and vmapped, so that the scatters carry the
+  batch as a batching dimension."""
   def row(ids):
     s = ids.shape[0]
-    valid = ids >= 0
-    first = valid & jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
-    slot = jnp.where(valid, jnp.cumsum(first) - 1, max_segments)  # out of range: dropped by the scatters
+    first = _run_starts(ids)
+    slot = jnp.where(ids >= 0, jnp.cumsum(first) - 1, max_segments)  # out of range: dropped by the scatters
     empty = jnp.zeros((max_segments,), jnp.int32)
     starts = (empty + s).at[slot].min(jnp.arange(s, dtype=jnp.int32), mode="drop")
     lengths = empty.at[slot].add(1, mode="drop")
     run_ids = (empty - 1).at[slot].max(ids, mode="drop")
-    return starts, lengths, run_ids, first.sum()
+    return starts, lengths, run_ids
 
   return jax.vmap(row)(ids)
 
@@ -34,10 +56,10 @@ def _runs(ids, max_segments: int):
 def _matched_keys(run_ids_q, keys):
   """For each query slot (b, m), the (start, length) of the key run with its id; length 0 where there is none (or
   the slot is empty). keys is _runs of the key ids. Unmatched slots start where the previous matched run ends, so
-  that the starts stay nondecreasing (SequenceLayout.packing) when shared ids come in the same order on both sides.
-  Matching sorts each row's key ids and binary-searches them: O(max_segments log max_segments) per row, where a
-  comparison of every pair of slots would take max_segments**2 memory."""
-  starts_k, lengths_k, run_ids_k, _ = keys
+  that the starts stay nondecreasing when shared ids come in the same order on both sides. Matching sorts each row's
+  key ids and binary-searches them: O(max_segments log max_segments) per row, where a comparison of every pair of
+  slots would take max_segments**2 memory."""
+  starts_k, lengths_k, run_ids_k = keys
   # Empty slots sort last; they are each row's trailing slots, so a stable sort keeps them after a real id of
   # _NO_ID too, and the leftmost match is real.
   keys_ids = jnp.where(run_ids_k >= 0, run_ids_k, _NO_ID)
@@ -52,14 +74,35 @@ def _matched_keys(run_ids_q, keys):
   return jnp.where(matched, starts, previous_end), jnp.where(matched, lengths, 0)
 
 
-def segment_layout(q_ids, kv_ids, max_segments: int) -> tuple[SequenceLayout, jax.Array]:
-  """(the segmented SequenceLayout, overflow) of q_ids (b, s_q) and kv_ids (b, s_k) int32 (the same object for
-  self-attention): slot m of row b is the row's m-th query run and the key run of the same id. overflow (b,) bool
-  marks rows whose q or kv ids have more than max_segments runs, which the layout cannot hold."""
-  queries = _runs(q_ids, max_segments)
-  keys = queries if kv_ids is q_ids else _runs(kv_ids, max_segments)
-  starts_q, lengths_q, run_ids_q, count_q = queries
-  starts_k, lengths_k = (keys[0], keys[1]) if kv_ids is q_ids else _matched_keys(run_ids_q, keys)
-  sequences = SequenceLayout(segments_q=jnp.stack([starts_q, lengths_q], axis=-1),
-                             segments_k=jnp.stack([starts_k, lengths_k], axis=-1))
-  return sequences, (count_q > max_segments) | (keys[3] > max_segments)
+def packing(sequences: SequenceLayout) -> SequenceLayout:
+  """The packed layout of a segmented one: its batch's rows back to back, (batch * seqlen, heads, dim) per side,
+  batch * max_segments sequences. Slot m of row b is the row's m-th query run and the key run of the same id; the
+  slots with rows come first, in order (segment m of row b at offset b * seqlen + start, seqused its length), then
+  the empty ones, at the tensors' end, where the kernels' walks over the sequences stop (docs/kernels.md §10.2), so
+  the unused slots of a generous max_segments cost (almost) nothing. Well-formed ids (contiguous runs, shared ids in
+  the same order on both sides) give nondecreasing offsets; other values are clamped like any packing's."""
+  m = sequences.max_segments
+  q_ids = sequences.segment_ids_q
+  kv_ids = q_ids if sequences.segment_ids_k is None else sequences.segment_ids_k
+  queries = _runs(q_ids, m)
+  if sequences.segment_ids_k is None:
+    keys = queries[:2]
+  else:
+    keys = _matched_keys(queries[2], _runs(kv_ids, m))
+
+  def side(starts, lengths, seqlen):
+    batch = starts.shape[0]
+    return (starts + seqlen * jnp.arange(batch, dtype=jnp.int32)[:, None]).reshape(-1), lengths.reshape(-1)
+
+  (starts_q, used_q), (starts_k, used_k) = side(*queries[:2], q_ids.shape[1]), side(*keys, kv_ids.shape[1])
+  total_q, total_k = q_ids.size, kv_ids.size
+  real = (used_q > 0) | (used_k > 0)
+  slot = jnp.where(real, jnp.cumsum(real) - 1, real.sum() + jnp.cumsum(~real) - 1)
+
+  def compact(values, empty):
+    return jnp.full_like(values, empty).at[slot].set(jnp.where(real, values, empty), unique_indices=True)
+
+  cu_q, cu_k = (jnp.append(compact(x, total), jnp.int32(total)) for x, total in ((starts_q, total_q),
+                                                                                (starts_k, total_k)))
+  return SequenceLayout(cu_q, cu_k, compact(used_q, 0), compact(used_k, 0), max_seqlen_q=q_ids.shape[1],
+                        max_seqlen_k=kv_ids.shape[1])

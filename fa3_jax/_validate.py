@@ -374,6 +374,9 @@ def segment_ids(q_segment_ids, kv_segment_ids, max_segments, batch: int, seqlen_
       side = "q" if name.startswith("q") else "k"
       raise ValueError(f"{name} must have shape (batch, seqlen_{side}) = {(batch, seqlen)}, got shape "
                        f"{tuple(ids.shape)}")
+    if batch * seqlen >= MAX_TOTAL:
+      raise ValueError(f"{name}: batch * seqlen must be below 2**31 - 1 = {MAX_TOTAL} (the rows run packed, with "
+                       f"int32 offsets), got {batch} * {seqlen} = {batch * seqlen}")
     known = _known(ids)
     _check_int32_values(name, known)
     runs = None if known is None else _check_known_segment_ids(name, known, max_segments)

@@ -77,11 +77,16 @@ def segment_attention(cfg: AttentionConfig, q, k, v, q_ids, kv_ids, max_segments
   """(out, lse) of BSHD q, k, v where tokens attend only within their segment (flash_attn_func's q_segment_ids);
   q_ids / kv_ids are checked int32 arrays (one object for self-attention, see _validate.segment_ids). Rows of a
   batch entry with more segments than max_segments, which the fixed-size layout cannot hold, give NaN."""
-  sequences, overflow = _segments.segment_layout(q_ids, kv_ids, max_segments)
+  longest = max(q_ids.shape[1], kv_ids.shape[1])
+  # No row has more runs than tokens, so a larger bound would only add empty slots.
+  max_segments = min(max_segments, longest)
+  sequences = SequenceLayout(segment_ids_q=q_ids, segment_ids_k=None if kv_ids is q_ids else kv_ids,
+                             max_segments=max_segments)
   out, lse = _attention_under(cfg, q, k, v, sequences)
-  if max_segments >= max(q_ids.shape[1], kv_ids.shape[1]):
-    return out, lse  # no row can have more runs than tokens: skip a pass over out (~30 us at 16k x 16 x 128)
+  if max_segments == longest:
+    return out, lse  # nothing can overflow: skip a pass over out (~30 us at 16k x 16 x 128)
   # Leaving the excess segments out would silently give their rows 0 and -inf; NaN reaches any loss instead.
+  overflow = (_segments.run_counts(q_ids) > max_segments) | (_segments.run_counts(kv_ids) > max_segments)
   return jnp.where(overflow[:, None, None, None], jnp.nan, out), jnp.where(overflow[:, None, None], jnp.nan, lse)
 
 

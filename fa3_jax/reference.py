@@ -8,7 +8,8 @@ Layouts (BSHD): q (batch, seqlen_q, heads, head_dim), k (batch, seqlen_k, kv_hea
 v (batch, seqlen_k, kv_heads, head_dim_v); query head i reads kv head i // (heads // kv_heads). Optional per-batch
 lengths (seqlen_q / seqlen_k, (batch,) int32) shorten each batch entry's sequences. Variable-length calls
 (`varlen_forward` / `varlen_backward`, any SequenceLayout) gather each packed side into that padded form
-(batch, max_seqlen, ...), run the same blockwise attention with the per-batch lengths and scatter back.
+(batch, max_seqlen, ...), run the same blockwise attention with the per-batch lengths and scatter back; segment ids
+stay BSHD and mask the pairs of different segments instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fa3_jax import _segments
 from fa3_jax import _vma
 from fa3_jax._config import AttentionConfig
 from fa3_jax._config import SequenceLayout
@@ -67,26 +69,50 @@ def _lengths(lengths, seqlen: int):
   return seqlen if lengths is None else jnp.clip(lengths, 0, seqlen)[:, None, None, None, None]
 
 
-def _visible(start, block: int, seqlen_q: int, lengths_q, lengths_k, cfg: AttentionConfig):
-  """Which (query, key) pairs of the key block starting at `start` may attend: (s_q, block) bool, or
-  (b, 1, 1, s_q, block) with per-batch lengths (from _lengths)."""
-  return visible(jnp.arange(seqlen_q)[:, None], start + jnp.arange(block)[None, :], lengths_q, lengths_k, cfg)
+def _visibility(cfg: AttentionConfig, seqlen_q: int, seqlen_k: int, block: int, lengths_q=None, lengths_k=None,
+                segment_ids=None):
+  """mask(start): which (query, key) pairs of the key block starting at `start` may attend, (s_q, block) or
+  (b, 1, 1, s_q, block) against the scores. The visibility rule takes each token's position in its sequence and
+  that sequence's lengths: the tensor's rows and per-batch lengths (`lengths_q` / `lengths_k`, from _lengths), or,
+  with segment_ids = (q ids (b, s_q), k ids (b, s_k)), the token's place in its run and the run's length, a pair
+  also needing one non-negative id (docs/integration.md §4.9). Keys past seqlen_k (the last block's padding) are
+  invisible either way."""
+  if segment_ids is None:
+    return lambda start: visible(jnp.arange(seqlen_q)[:, None], start + jnp.arange(block)[None, :], lengths_q,
+                                 lengths_k, cfg)
+  ids_q, ids_k = segment_ids
+  padded = -(-seqlen_k // block) * block
+  as_q = lambda x: x[:, None, None, :, None]
+  (index_q, length_q), (index_k, length_k) = _segments.run_coordinates(ids_q), _segments.run_coordinates(ids_k)
+  # Padded keys: id -1 (no segment) and length 0.
+  ids_k, index_k, length_k = (jnp.pad(x, ((0, 0), (0, padded - seqlen_k)), constant_values=fill)
+                              for x, fill in ((ids_k, -1), (index_k, 0), (length_k, 0)))
+
+  def mask(start):
+    as_k = lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)[:, None, None, None, :]
+    same = (as_q(ids_q) == as_k(ids_k)) & (as_q(ids_q) >= 0)
+    return same & visible(as_q(index_q), as_k(index_k), as_q(length_q), as_k(length_k), cfg)
+
+  return mask
 
 
 def _block_size(seqlen_k: int, block_k: int) -> int:
   return min(block_k, seqlen_k)
 
 
-def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOCK_K, seqlen_q=None, seqlen_k=None):
+def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOCK_K, seqlen_q=None, seqlen_k=None,
+                      segment_ids=None):
   """Returns (out (b, s_q, h, d_v) in q.dtype, lse (b, h, s_q) float32 natural log; -inf where no key is visible).
 
   seqlen_q / seqlen_k: optional (b,) int32 lengths of each batch entry's sequences (clipped to [0, s_q] / [0, s_k]):
   query rows at or past seqlen_q[b] give out = 0 and lse = -inf, keys at or past seqlen_k[b] are invisible, and
-  windows align bottom-right on the two lengths.
+  windows align bottom-right on the two lengths. segment_ids: optional (q ids (b, s_q), k ids (b, s_k)) int32
+  instead: each run of one id is a sequence, whose queries attend the key run of their id (see _visibility).
   """
   lengths_q, lengths_k = _lengths(seqlen_q, q.shape[1]), _lengths(seqlen_k, k.shape[1])
   seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]  # from here on the tensors' seqlens
   block = _block_size(seqlen_k, block_k)
+  visible_in = _visibility(cfg, seqlen_q, seqlen_k, block, lengths_q, lengths_k, segment_ids)
   qg = _grouped_queries(q, kv_heads)
   b, hk, g = qg.shape[:3]
 
@@ -94,7 +120,7 @@ def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOC
     m, l, acc = carry
     kb, vb, start = xs
     s, _ = _scores(qg, kb, cfg)
-    s = jnp.where(_visible(start, block, seqlen_q, lengths_q, lengths_k, cfg), s, -jnp.inf)
+    s = jnp.where(visible_in(start), s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(axis=-1))
     # A row that has seen no visible key keeps max -inf; exponentiate against 0 there so that -inf - -inf
     # never produces NaN (its p and correction are exactly 0).
@@ -119,16 +145,17 @@ def attention_forward(q, k, v, cfg: AttentionConfig, block_k: int = DEFAULT_BLOC
 
 
 def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None, block_k: int = DEFAULT_BLOCK_K,
-                       seqlen_q=None, seqlen_k=None):
+                       seqlen_q=None, seqlen_k=None, segment_ids=None):
   """Gradients (dq, dk, dv) in the input dtypes, given the forward's out and lse and the cotangent dout.
 
   dlse, the cotangent of lse (b, h, s_q) float32, is optional: since d lse / d s = p, it enters as a shift of
   D = rowsum(dout * out). For GQA/MQA dk and dv are summed over the query heads of each group. seqlen_q / seqlen_k
-  as in attention_forward: rows and keys past them get zero gradients.
+  and segment_ids as in attention_forward: rows and keys that see or are seen by nothing get zero gradients.
   """
   lengths_q, lengths_k = _lengths(seqlen_q, q.shape[1]), _lengths(seqlen_k, k.shape[1])
   seqlen_q, seqlen_k, kv_heads = q.shape[1], k.shape[1], k.shape[2]  # from here on the tensors' seqlens
   block = _block_size(seqlen_k, block_k)
+  visible_in = _visibility(cfg, seqlen_q, seqlen_k, block, lengths_q, lengths_k, segment_ids)
   qg = _grouped_queries(q, kv_heads)
   dog = _grouped_queries(dout, kv_heads)
   b, hk, g = qg.shape[:3]
@@ -142,7 +169,7 @@ def attention_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, dlse=None,
   def step(dq, xs):
     kb, vb, start = xs
     s, t = _scores(qg, kb, cfg)
-    p = jnp.where(_visible(start, block, seqlen_q, lengths_q, lengths_k, cfg), jnp.exp(s - lse_g[..., None]), 0.0)
+    p = jnp.where(visible_in(start), jnp.exp(s - lse_g[..., None]), 0.0)
     dv_b = jnp.einsum("bhgqk,bhgqd->bkhd", p, dog)
     dp = jnp.einsum("bhgqd,bkhd->bhgqk", dog, vb)
     ds = p * (dp - delta[..., None])
@@ -210,9 +237,18 @@ def paddings(sequences: SequenceLayout, q, k) -> tuple[Padding, Padding]:
           side("k", k, sequences.packed_k, sequences.max_seqlen_k))
 
 
+def _segment_ids(sequences: SequenceLayout):
+  """(q ids, k ids) of a segmented layout."""
+  ids_q = sequences.segment_ids_q
+  return ids_q, ids_q if sequences.segment_ids_k is None else sequences.segment_ids_k
+
+
 def varlen_forward(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout, block_k: int = DEFAULT_BLOCK_K):
   """attention_forward under a SequenceLayout: (out, lse) in q's layout (packed: (total_q, h, d_v) and
-  (h, total_q)); rows of no sequence give 0 and -inf. A uniform layout is attention_forward itself."""
+  (h, total_q)); rows of no sequence give 0 and -inf. A uniform layout is attention_forward itself; a segmented
+  one keeps its BSHD tensors and masks by segment, so that its memory does not grow with max_segments."""
+  if sequences.segmented:
+    return attention_forward(q, k, v, cfg, block_k, segment_ids=_segment_ids(sequences))
   pq, pk = paddings(sequences, q, k)
   out, lse = attention_forward(pq.pad(q), pk.pad(k), pk.pad(v), cfg, block_k, seqlen_q=pq.lengths,
                                seqlen_k=pk.lengths)
@@ -223,6 +259,9 @@ def varlen_backward(q, k, v, out, lse, dout, cfg: AttentionConfig, sequences: Se
                     block_k: int = DEFAULT_BLOCK_K):
   """attention_backward under a SequenceLayout: (dq, dk, dv) in the layouts of q, k, v; rows and keys of no
   sequence get zero gradients. dlse, if given, has lse's layout."""
+  if sequences.segmented:
+    return attention_backward(q, k, v, out, lse, dout, cfg, dlse=dlse, block_k=block_k,
+                              segment_ids=_segment_ids(sequences))
   pq, pk = paddings(sequences, q, k)
   dq, dk, dv = attention_backward(pq.pad(q), pk.pad(k), pk.pad(v), pq.pad(out), pq.pad_lse(lse), pq.pad(dout), cfg,
                                   dlse=None if dlse is None else pq.pad_lse(dlse), block_k=block_k,

@@ -20,7 +20,7 @@ any layout needs, since several shards then read the same kv head).
 Variable-length calls (a SequenceLayout that is not uniform) shard over heads only: their sequences run along the
 token axes, so those, the batch and the cu_seqlens / seqused arrays stay replicated (docs/integration.md §4.8).
 Segmented layouts (segment ids) keep the batch axis, each row's segments within it: they shard over batch and heads,
-their segment arrays sharded with the batch, and each shard packs its own rows (`_ops.attention_fwd`).
+their segment ids sharded with the batch, and each shard packs its own rows (`_ops.attention_fwd`).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Layout:
 
   @property
   def sequences_spec(self):
-    """The sequence layout's arrays: split with the batch (a segmented layout's (batch, segments, 2)), else
+    """The sequence layout's arrays: split with the batch (a segmented layout's ids (batch, seqlen)), else
     replicated (the batch never shards under cu_seqlens / seqused)."""
     return P(_entry(self.batch)) if self.batch else P()
 
@@ -276,8 +276,8 @@ def _heads_factors(mesh, h: int, hk: int):
 @dataclasses.dataclass(frozen=True)
 class _Factors:
   """Shardy rule fragments of one call: q-like tensors ("b s H dim", packed "s H dim"), k-like ones, lse, the
-  sequence-layout operands (cu_seqlens: batch + 1 entries, factor c; seqused: the batch factor b; segments: "b m x",
-  batch, segment, (start, length)), and the factors that need replication: the head dims, and under a non-uniform
+  sequence-layout operands (cu_seqlens: batch + 1 entries, factor c; seqused: the batch factor b; segment ids: "b s"
+  and "b t", q's and k's rows), and the factors that need replication: the head dims, and under a non-uniform
   sequence layout all but the heads (and the batch, when segmented)."""
   hq: str
   hkv: str
@@ -314,10 +314,11 @@ class _Factors:
 def _factors(mesh, q_type, k_type, sequences: SequenceLayout) -> _Factors:
   hq, hkv, sizes = _heads_factors(mesh, q_type.shape[-2], k_type.shape[-2])
   # One rule fragment per leaf of the layout, in its pytree order (the dataclass's field order).
-  kinds = {"cu_seqlens": "c", "seqused": "b", "segments": "b m x"}
-  operands = tuple(kinds[field.name.rsplit("_", 1)[0]] for field in dataclasses.fields(sequences)
+  kinds = {"cu_seqlens_q": "c", "cu_seqlens_k": "c", "seqused_q": "b", "seqused_k": "b", "segment_ids_q": "b s",
+           "segment_ids_k": "b t"}
+  operands = tuple(kinds[field.name] for field in dataclasses.fields(sequences)
                    if not field.metadata.get("static") and getattr(sequences, field.name) is not None)
-  replicated = "de" if sequences.uniform else "destmx" if sequences.segmented else "debstc"
+  replicated = "de" if sequences.uniform else "dest" if sequences.segmented else "debstc"
   return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands, frozenset(replicated), sizes)
 
 

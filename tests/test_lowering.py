@@ -229,3 +229,33 @@ def test_segment_ids_lower_to_the_varlen_custom_calls(kernels_compiled):
   assert signature(fwd).startswith("(tensor<128x8x64xbf16>, tensor<128x2x64xbf16>, tensor<128x2x64xbf16>, "
                                    "tensor<7xi32>, tensor<7xi32>, tensor<6xi32>, tensor<6xi32>) -> "
                                    "(tensor<128x8x64xbf16>, tensor<8x128xf32>")
+
+
+def test_shared_segment_ids_are_derived_by_one_custom_call_per_direction(kernels_compiled):
+  # Self-attention segment ids become the packed layout in fa3_jax_segment_layout (forward and backward each derive
+  # it once); distinct q / kv ids need their key runs matched by id and derive in XLA.
+  b, s, m = 2, 64, 3
+  q, k, v = inputs(b=b, sq=s, sk=s, d=64)
+  ids = jnp.zeros((b, s), jnp.int32)
+  shared = lambda q, k, v, ids: fa3_jax.flash_attn_func(q, k, v, q_segment_ids=ids, max_segments=m).sum()
+  text = cuda_stablehlo(jax.grad(shared, argnums=(0, 1, 2)), q, k, v, ids)
+  calls = custom_calls(text, "fa3_jax_segment_layout")
+  assert len(calls) == 2
+  for call in calls:
+    assert "max_segments = 3 : i64" in call
+    assert signature(call).startswith("(tensor<2x64xi32>) -> (tensor<7xi32>, tensor<6xi32>, tensor<2xi32>)")
+  distinct = lambda q, k, v, ids: fa3_jax.flash_attn_func(q, k, v, q_segment_ids=ids, kv_segment_ids=ids + 0,
+                                                          max_segments=m).sum()
+  text = cuda_stablehlo(jax.grad(distinct, argnums=(0, 1, 2)), q, k, v, ids)
+  assert not custom_calls(text, "fa3_jax_segment_layout") and len(custom_calls(text, "fa3_jax_fwd")) == 1
+
+
+def test_vmapped_segment_ids_derive_in_one_call_over_the_folded_rows(kernels_compiled):
+  # The vmapped copies' rows are more batch rows of one derivation and one forward call.
+  q, k, v = inputs(b=2, sq=48, sk=48, d=64)
+  ids = jnp.zeros((2, 48), jnp.int32)
+  f = jax.vmap(lambda q, k, v, ids: fa3_jax.flash_attn_func(q, k, v, q_segment_ids=ids, max_segments=4))
+  text = cuda_stablehlo(f, *[jnp.stack([x] * 3) for x in (q, k, v, ids)])
+  (call,) = custom_calls(text, "fa3_jax_segment_layout")
+  assert signature(call).startswith("(tensor<6x48xi32>) -> (tensor<25xi32>, tensor<24xi32>, tensor<6xi32>)")
+  assert len(custom_calls(text, "fa3_jax_fwd")) == 1

@@ -218,11 +218,11 @@ def test_the_kernels_packing_puts_the_segments_first_and_the_empty_slots_at_the_
   # The kernels' walks stop at the first sequence starting at the tensor's end (docs/kernels.md §10.2): the packing
   # holds each row's segments in order, rows back to back, then every empty slot, starting at the end.
   from fa3_jax._config import SequenceLayout
-  from fa3_jax._segments import segment_layout
+  from fa3_jax._segments import packing, run_counts
   ids = jnp.asarray(ids_of([(0, 3), (1, 2)], [(-1, 8)], [(-1, 2), (7, 6)], length=8))
-  layout, overflow = segment_layout(ids, ids, max_segments=4)
-  packed = layout.packing(8, 8)
-  assert isinstance(packed, SequenceLayout) and not overflow.any()
+  packed = packing(SequenceLayout(segment_ids_q=ids, max_segments=4))
+  assert isinstance(packed, SequenceLayout)
+  np.testing.assert_array_equal(run_counts(ids), [2, 0, 1])
   for side in ("q", "k"):
     cu, used = (np.asarray(getattr(packed, f"{name}_{side}")) for name in ("cu_seqlens", "seqused"))
     np.testing.assert_array_equal(cu, [0, 3, 18] + [24] * 10)
@@ -294,6 +294,26 @@ def call(**changes):
 def test_argument_errors_name_the_argument(changes, error, match):
   with pytest.raises(error, match=match):
     call(**changes)
+
+
+def test_reference_memory_grows_with_the_tokens_not_with_max_segments():
+  # The reference masks by segment in BSHD; a packing of batch * max_segments slots padded to seqlen (the default
+  # max_segments is seqlen) would grow with seqlen**2.
+  ratios = []
+  for s in (512, 4096):
+    q, ids = jax.ShapeDtypeStruct((2, s, 2, 32), jnp.float16), jax.ShapeDtypeStruct((2, s), jnp.int32)
+    loss = lambda q, ids: fa3_jax.flash_attn_func(q, q, q, q_segment_ids=ids).astype(jnp.float32).sum()
+    memory = jax.jit(jax.grad(loss)).lower(q, ids).compile().memory_analysis()
+    ratios.append(memory.temp_size_in_bytes / (2 * s * 2 * 32 * 4))  # per float32 element of q
+  assert ratios[1] < 1.25 * ratios[0], ratios  # 8 times the tokens: the same bytes per token
+
+
+def test_more_than_int32_packed_rows_are_rejected():
+  b, s = 2**12, 2**19  # b * s = 2**31 rows once packed
+  q = jax.ShapeDtypeStruct((b, s, 1, 32), jnp.float16)
+  ids = jax.ShapeDtypeStruct((b, s), jnp.int32)
+  with pytest.raises(ValueError, match=r"q_segment_ids: batch \* seqlen must be below 2\*\*31 - 1"):
+    jax.eval_shape(lambda q, ids: fa3_jax.flash_attn_func(q, q, q, q_segment_ids=ids), q, ids)
 
 
 def test_traced_malformed_ids_stay_finite_and_in_bounds():
