@@ -1,5 +1,6 @@
-"""Segment ids as a packed SequenceLayout, in XLA, under jit, from traced ids, with fixed-size arrays: the definition
-that the reference path and distinct q / kv ids use, and that the CUDA derivation of shared ids
+"""Segment ids in XLA, under jit, from traced ids, with fixed-size arrays: their runs (what a segment is), each
+token's place in its run (the reference's segment mask), and the packed SequenceLayout the kernels run: the
+definition that distinct q / kv ids use and that the CUDA derivation of shared ids
 (cuda/include/fa3/segment_layout.cuh, through _ops.segment_packing) reproduces exactly. docs/integration.md §4.9."""
 
 from __future__ import annotations
