@@ -77,4 +77,6 @@ NB_MODULE(_fa3_jax_cuda, m) {
         nb::arg("seqlen_k"), nb::arg("heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("head_dim_v"),
         nb::arg("deterministic"), nb::arg("total_q") = 0, "Bytes of the workspace result that fa3_jax_bwd expects.");
 #endif
+  m.def("segment_layout_workspace_bytes", &fa3::segment_layout_workspace_bytes, nb::arg("rows"), nb::arg("seqlen"),
+        "Bytes of the workspace result that fa3_jax_segment_layout expects.");
 }

@@ -20,7 +20,8 @@ The contract with cuda/ffi/ (written once, here and in the handlers' comments):
   each is present iff the bool attribute `with_<name>` is true (cuda/ffi/optional_operands.h decodes the same rule).
 
   "fa3_jax_segment_layout"  operands segment_ids (b, s) int32
-                 results  cu_seqlens (b * m + 1), seqused (b * m) int32, workspace (b) int32
+                 results  cu_seqlens (b * m + 1), seqused (b * m) int32, workspace uint8 (its size from the
+                          extension, like the attention ops')
                  attrs    max_segments i64 (m): shared segment ids as the packing of _segments.packing, bit for bit
 
   Windows arrive resolved (AttentionConfig.resolved_window): query i may attend key j iff
@@ -329,7 +330,9 @@ def bwd_kernel(dout, q, k, v, out, lse, dlse=None, *, cfg: AttentionConfig,
 def segment_kernel(ids, max_segments: int) -> SequenceLayout:
   """The packed layout of shared segment ids (b, s) by the CUDA derivation (lowers for the cuda platform only)."""
   b, s = ids.shape
-  result_types = [_result_type(ids, shape, jnp.int32) for shape in ((b * max_segments + 1,), (b * max_segments,), (b,))]
+  result_types = [_result_type(ids, shape, dtype) for shape, dtype in (
+      ((b * max_segments + 1,), jnp.int32), ((b * max_segments,), jnp.int32),
+      ((_extension.workspace_bytes("segment_layout", b, s),), jnp.uint8))]
   with jax.named_scope("fa3_segment_layout"):
     r = SEGMENT_LAYOUT(result_types, dict(segment_ids=ids), max_segments=np.int64(max_segments))
   return SequenceLayout(r["cu_seqlens"], r["cu_seqlens"], r["seqused"], r["seqused"], max_seqlen_q=s, max_seqlen_k=s)
@@ -337,7 +340,7 @@ def segment_kernel(ids, max_segments: int) -> SequenceLayout:
 
 def segment_packing(sequences: SequenceLayout) -> SequenceLayout:
   """The packed layout the kernels run a segmented one as (_segments.packing: the batch's rows back to back).
-  Shared ids (self-attention) are derived by one small CUDA pass (fa3_jax_segment_layout), which costs a few
+  Shared ids (self-attention) are derived by one small CUDA op (fa3_jax_segment_layout), which costs a few
   microseconds where XLA's scans and scatters cost tens; distinct q / kv ids, whose key runs are matched by id,
   derive in XLA."""
   if sequences.segment_ids_k is None:

@@ -3,20 +3,26 @@
 // small derivation instead of a chain of XLA scatters and scans (docs/integration.md §4.9).
 //
 // Operands segment_ids (b, s) int32 (a vmapped call arrives folded into more rows: fa3_jax/_ops.py fold_vmap).
-// Results  cu_seqlens (b * m + 1) int32, seqused (b * m) int32, workspace (b) int32 (the run counts).
+// Results  cu_seqlens (b * m + 1) int32, seqused (b * m) int32, workspace uint8 (the per-chunk prefixes, sized by
+//          fa3::segment_layout_workspace_bytes, fa3/workspace.h).
 // Attrs    max_segments i64 (m >= 1).
 //
-// kCmdBufferCompatible: two kernel launches, no allocation, no host reads of device data.
+// kCmdBufferCompatible: three kernel launches, no allocation, no host reads of device data.
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 #include <string>
 
 #include "fa3/segment_layout.cuh"
+#include "fa3/workspace.h"
 #include "handler_checks.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+int64_t fa3::segment_layout_workspace_bytes(int64_t rows, int64_t seqlen) {
+  return int64_t(sizeof(int32_t)) * fa3::segments::Chunks{int(rows), int(seqlen)}.workspace_words();
+}
 
 namespace {
 
@@ -38,8 +44,9 @@ ffi::Error Fa3SegmentLayout(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                                        std::to_string(max_segments));
   }
   if (cu_seqlens->element_count() != size_t(slots + 1) || seqused->element_count() != size_t(slots) ||
-      workspace->element_count() != size_t(rows)) {
-    return ffi::Error::InvalidArgument(target + ": result sizes do not match batch * max_segments");
+      workspace->size_bytes() != size_t(fa3::segment_layout_workspace_bytes(rows, seqlen))) {
+    return ffi::Error::InvalidArgument(target + ": result sizes do not match batch * max_segments or the "
+                                       "workspace of fa3::segment_layout_workspace_bytes");
   }
   const fa3::segments::SegmentLayoutArgs args{
       static_cast<const int32_t*>(ids.untyped_data()), static_cast<int32_t*>(workspace->untyped_data()),
@@ -59,6 +66,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_segment_layout, Fa3SegmentLayout,
                                   .Arg<ffi::AnyBuffer>()  // segment_ids
                                   .Ret<ffi::AnyBuffer>()  // cu_seqlens
                                   .Ret<ffi::AnyBuffer>()  // seqused
-                                  .Ret<ffi::AnyBuffer>()  // workspace (run counts)
+                                  .Ret<ffi::AnyBuffer>()  // workspace
                                   .Attr<int64_t>("max_segments"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -1,7 +1,8 @@
 """Shared segment ids on the GPU: the CUDA derivation of their packed layout (fa3_jax_segment_layout) against its XLA
 definition (fa3_jax._segments.packing), equal bit for bit on random ids with padding, runs crossing the kernel's
-4096-id chunks, more runs than max_segments, and ids in several runs (malformed, but both must still agree); and
-flash_attn_func with segment ids through the kernels against flash_attn_varlen_func on the same documents."""
+4096-id chunks, more runs than max_segments (also in later chunks), more chunks than its scan's 1024 threads, and
+ids in several runs (malformed, but both must still agree); and flash_attn_func with segment ids through the
+kernels against flash_attn_varlen_func on the same documents."""
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ CASES = {
     "long_row": (lambda rng: documents(rng, 1, 70001, 5000, 0.3), 70001),
     "many_rows": (lambda rng: documents(rng, 257, 113, 20, 0.2), 8),
     "truncated": (lambda rng: documents(rng, 4, 1023, 10, 0.1), 5),
+    "truncated_across_chunks": (lambda rng: documents(rng, 3, 9000, 300, 0.1), 5),
+    "more_chunks_than_a_scan_tile": (lambda rng: documents(rng, 1500, 37, 8, 0.2), 6),
     "all_padding": (lambda rng: np.full((3, 239), -1, np.int32), 4),
     "recurring_ids": (lambda rng: random_ids(rng, 5, 8195, 3), 4096),
     "recurring_truncated": (lambda rng: random_ids(rng, 2, 4099, 2), 7),

@@ -1,8 +1,9 @@
 // The forward kernel shell: roles, register reallocation, barrier setup, the loop over this CTA's tiles
 // (docs/kernels.md §2.1, §2.9).
 //
-// Warpgroup 0 is the producer (one elected thread issues all TMA; the other producer warps exit after giving their
-// registers back); warpgroups 1.. are consumers of 64 rows each. Both sides see the same tile sequence
+// Warpgroup 0 is the producer (one elected thread issues all TMA; with sequences of their own lengths the other
+// three producer warps clear the query rows no sequence covers, uncovered_rows.cuh, and otherwise exit after giving
+// their registers back); warpgroups 1.. are consumers of 64 rows each. Both sides see the same tile sequence
 // (FwdTileScheduler: the same static walk, or the dynamic walk's tiles that the producer publishes) and skip the same
 // empty tiles (past the sequence's rows, or no visible KV block), so the pipeline stages and the Q phase advance in
 // step. With the persistent grid the producer runs up to a tile
@@ -77,6 +78,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
         if (issuer) Mainloop::load(args, smem, tile.m_block, tile.head, seq, range, pipes, tiles_done);
         ++tiles_done;
       });
+    } else if (kVarlen && warp_in_group != 0) {  // beside the tiles, which write only covered rows
+      clear_uncovered_rows(args.uncovered, blockIdx.x * 3ll + warp_in_group - 1, gridDim.x * 3ll);
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::Tile::kConsumerRegs>();

@@ -50,8 +50,8 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   };
   // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
   FwdTileScheduler sched =
-      FwdTileScheduler::make(num_m_blocks, (p.seq_k.len + Traits::kBlockN - 1) / Traits::kBlockN, p.heads, p.batch,
-                             key_blocks(0) != key_blocks(num_m_blocks - 1), Traits::kPersistent, setup.num_sms);
+      FwdTileScheduler::make(num_m_blocks, p.heads, p.batch, key_blocks(0) != key_blocks(num_m_blocks - 1),
+                             Traits::kPersistent, setup.num_sms);
   if constexpr (Traits::kPersistent && kVarlen) {  // the dynamic walk's counter (fwd_workspace_bytes)
     if (p.workspace_bytes < int64_t(sizeof(int))) return cudaErrorInvalidValue;
     sched.counter = static_cast<int*>(p.workspace);
@@ -83,14 +83,12 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   args.softcap_pre = has_softcap ? p.softmax_scale / p.softcap : 0.f;
   args.has_softcap = has_softcap;
 
-  UncoveredRows uncovered;
-  uncovered.side = p.seq_q;
-  uncovered.batch = p.batch;
-  uncovered.heads = p.heads;
-  uncovered.tensors[0] = UncoveredRows::Tensor{p.out, p.out_strides, kHeadDimV};
-  uncovered.stat = p.lse;
-  uncovered.stat_strides = p.lse_strides;
-  if (cudaError_t err = clear_uncovered_rows(uncovered, stream); err != cudaSuccess) return err;
+  args.uncovered.side = p.seq_q;
+  args.uncovered.batch = p.batch;
+  args.uncovered.heads = p.heads;
+  args.uncovered.tensors[0] = UncoveredRows::Tensor{p.out, p.out_strides, kHeadDimV};
+  args.uncovered.stat = p.lse;
+  args.uncovered.stat_strides = p.lse_strides;
 
   fwd_kernel<Traits, kVarlen><<<dim3(unsigned(sched.ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
   return cudaGetLastError();

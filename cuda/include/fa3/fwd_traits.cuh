@@ -14,6 +14,7 @@
 #include "fa3/sequences.h"
 #include "fa3/tile_scheduler.cuh"
 #include "fa3/tile_size.h"
+#include "fa3/uncovered_rows.cuh"
 
 namespace fa3 {
 
@@ -124,6 +125,7 @@ struct FwdArgs {
   float scale_log2;               // exp2-domain score scale: scale*log2e, or softcap*log2e with softcap
   float softcap_pre;              // scale / softcap (softcap on), unused otherwise
   bool has_softcap;
+  UncoveredRows uncovered;        // kVarlen: the query rows no sequence covers, cleared by the spare producer warps
 };
 
 }  // namespace fa3

@@ -85,13 +85,12 @@ struct FwdTileScheduler {
   int doubled;       // flat tiles: items [0, doubled) hold two consecutive tiles, the rest one
   int* counter;      // persistent grid with kVarlen: items handed out so far beyond the first gridDim.x (zeroed
                      // before the launch)
-  int top_class;     // kVarlen: the cost class of the longest sequence (PackedWalk)
 
   // Host: the schedule of num_m_blocks x heads x batch tiles (see above; pair_blocks: the tile costs differ along
-  // the sequence; num_n_blocks: the longest sequence's key blocks) on at most num_sms CTAs.
-  static FwdTileScheduler make(int num_m_blocks, int num_n_blocks, int heads, int batch, bool pair_blocks,
-                               bool persistent, int num_sms) {
-    FwdTileScheduler s{num_m_blocks, heads, heads * batch, pair_blocks, 0, 0, 0, 0, nullptr, cost_class(num_n_blocks)};
+  // the sequence) on at most num_sms CTAs.
+  static FwdTileScheduler make(int num_m_blocks, int heads, int batch, bool pair_blocks, bool persistent,
+                               int num_sms) {
+    FwdTileScheduler s{num_m_blocks, heads, heads * batch, pair_blocks, 0, 0, 0, 0, nullptr};
     const int tiles = num_m_blocks * s.num_hb;  // < 2^31: checked by the caller
     if (!persistent) {
       s.ctas = s.items = tiles;
@@ -165,8 +164,9 @@ struct FwdTileScheduler {
   // Work items per head of a sequence of m_blocks m-blocks.
   CUTE_DEVICE int units_of(int m_blocks) const { return pair_blocks ? (m_blocks + 1) / 2 : m_blocks; }
 
-  // A sequence's cost class: floor(log2(key blocks)), 0 without keys. A tile's cost grows with its sequence's key
-  // blocks (all of them without a mask; about half on average, and a pair's about all, with causal).
+  // A sequence's cost class: floor(log2(key blocks)), 0 without keys (< 31 for int n_blocks). A tile's cost grows
+  // with its sequence's key blocks (all of them without a mask; about half on average, and a pair's about all, with
+  // causal).
   static CUTE_HOST_DEVICE int cost_class(int n_blocks) {
     int c = 0;
     while (n_blocks >= 2 << c) ++c;
@@ -176,10 +176,39 @@ struct FwdTileScheduler {
   // Position in the packed work list: the sequences class by class, costliest class first (so the cheap items end
   // the walk and even out the CTAs' finishing times, as longest-first scheduling does), in index order within a
   // class. Sequence `seq` holds items [first, first + heads * units); the items of the classes above `cls` and of
-  // class cls's sequences in [0, next) come before `end`.
+  // class cls's sequences in [0, next) come before `end`. Only the classes that hold tiles are walked: a first pass
+  // over the lengths collects them (a static bound such as segment ids' or a generous max_seqlen would otherwise
+  // start the walk at an empty class, and every empty class costs a pass).
   struct PackedWalk {
     int seq = 0, m_blocks = 0, units = 0, first = 0;
     int cls = -1, next = 0, end = 0;
+    unsigned classes = 0;  // the classes with tiles that the walk has not finished, bit c for class c
+
+    // Lane's sequence b's lengths (0 past the sequences), and whether the warp's 32 sequences all start at the
+    // packed queries' end (whole warp): then so do all later ones (offsets never decrease in well-formed layouts),
+    // and a pass over the lengths ends there, so layouts padded with many empty sequences (segment ids under a
+    // static bound) cost what their real sequences cost.
+    static CUTE_DEVICE bool lengths_at(Sequences const& seqs, int batch, int b, int& len_q, int& len_k) {
+      int q_offset = seqs.q.rows, k_offset;
+      len_q = len_k = 0;
+      if (b < batch) {
+        seqs.q.extent(b, q_offset, len_q);
+        seqs.k.extent(b, k_offset, len_k);
+      }
+      return seqs.q.packed() && __all_sync(0xffffffffu, q_offset >= seqs.q.rows);
+    }
+
+    // Whole warp: the classes of the sequences with query rows (each holds tiles, even without keys).
+    template <int kBlockN>
+    static CUTE_DEVICE unsigned classes_with_tiles(Sequences const& seqs, int batch) {
+      unsigned mask = 0;
+      for (int base = 0; base < batch; base += 32) {
+        int len_q, len_k;
+        if (lengths_at(seqs, batch, base + int(threadIdx.x % 32), len_q, len_k)) break;
+        if (len_q > 0) mask |= 1u << cost_class((len_k + kBlockN - 1) / kBlockN);
+      }
+      return __reduce_or_sync(0xffffffffu, mask);
+    }
 
     // Moves to the sequence holding item idx (idx never decreases); false when the list ends before it. Whole
     // warp: 32 sequences' lengths per step, a prefix sum and a vote; one pass over the lengths per class.
@@ -187,24 +216,21 @@ struct FwdTileScheduler {
     CUTE_DEVICE bool seek(FwdTileScheduler const& s, Sequences const& seqs, int idx) {
       const int lane = threadIdx.x % 32;
       const int batch = s.num_hb / s.heads;
-      if (cls < 0) cls = s.top_class;
+      if (cls < 0) {
+        classes = classes_with_tiles<kBlockN>(seqs, batch);
+        if (classes == 0) return false;
+        cls = 31 - __clz(classes);
+      }
       while (idx >= end) {
-        if (next >= batch) {
-          if (cls == 0) return false;
-          --cls;
+        if (next >= batch) {  // the class's pass is over: the next class below with tiles
+          classes &= ~(1u << cls);
+          if (classes == 0) return false;
+          cls = 31 - __clz(classes);
           next = 0;
           continue;
         }
-        const int b = next + lane;
-        int q_offset = seqs.q.rows, k_offset, len_q = 0, len_k = 0;
-        if (b < batch) {
-          seqs.q.extent(b, q_offset, len_q);
-          seqs.k.extent(b, k_offset, len_k);
-        }
-        // Packed queries: once 32 sequences in a row start at the tensor's end, so do all later ones (offsets never
-        // decrease in well-formed layouts), and the pass ends. Layouts padded with many empty sequences (segment ids
-        // under a static bound) then cost what their real sequences cost.
-        if (seqs.q.packed() && __all_sync(0xffffffffu, q_offset >= seqs.q.rows)) {
+        int len_q, len_k;
+        if (lengths_at(seqs, batch, next + lane, len_q, len_k)) {
           next = batch;
           continue;
         }
