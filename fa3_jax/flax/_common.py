@@ -13,6 +13,7 @@ import numpy as np
 
 from fa3_jax import _validate
 from fa3_jax import jax_nn
+from fa3_jax import rotary
 
 # Logical axis names used by the modules' parameter and activation annotations.
 BATCH, LENGTH, EMBED, HEADS, KV = "batch", "length", "embed", "heads", "kv"
@@ -306,11 +307,7 @@ def apply_rotary(x, positions, theta: float = 10000.0):
   positions = check_positions("positions", positions, x.shape[0], x.shape[1])
   freqs = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   angles = positions.astype(jnp.float32)[..., None] * freqs  # (batch|, seqlen, d/2)
-  angles = jnp.broadcast_to(angles, (x.shape[0], x.shape[1], d // 2))[:, :, None, :]
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+  return rotary.rotate(x, jnp.cos(angles), jnp.sin(angles), interleaved=False)
 
 
 # ---- what the modules share ------------------------------------------------------------------------------------
