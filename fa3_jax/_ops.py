@@ -230,9 +230,16 @@ def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int) 
   return dataclasses.replace(sequences, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k)
 
 
+def _folded_sequences(n: int, sequences: SequenceLayout, q, k) -> SequenceLayout:
+  """fold_sequences of n copies of q and k (leading axis n): a packed side's rows per copy are its total (dim 1), a
+  BSHD side's are its seqlen (dim 2, after the batch)."""
+  rows = lambda x, packed: x.shape[1] if packed else x.shape[2]
+  return fold_sequences(n, sequences, rows(q, sequences.packed_q), rows(k, sequences.packed_k))
+
+
 def fold_fwd(n: int, q, k, v, sequences):
   """n forward problems (operands with a leading axis n) as one, and how to unfold its (out, lse)."""
-  folded = (_merge(q), _merge(k), _merge(v), fold_sequences(n, sequences, q.shape[1], k.shape[1]))
+  folded = (_merge(q), _merge(k), _merge(v), _folded_sequences(n, sequences, q, k))
   return folded, lambda out, lse: (_split(out, n), _split_lse(lse, n, sequences.packed_q))
 
 
@@ -240,7 +247,7 @@ def fold_bwd(n: int, dout, q, k, v, out, lse, dlse, sequences):
   """n backward problems as one, and how to unfold its (dq, dk, dv)."""
   packed = sequences.packed_q
   folded = (*map(_merge, (dout, q, k, v, out)), _merge_lse(lse, packed),
-            None if dlse is None else _merge_lse(dlse, packed), fold_sequences(n, sequences, q.shape[1], k.shape[1]))
+            None if dlse is None else _merge_lse(dlse, packed), _folded_sequences(n, sequences, q, k))
   return folded, lambda dq, dk, dv: (_split(dq, n), _split(dk, n), _split(dv, n))
 
 

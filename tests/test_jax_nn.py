@@ -279,3 +279,19 @@ def test_second_order_derivatives_on_the_kernel_path_raise_not_implemented(no_de
   loss = lambda q: jnp.sum(dot_product_attention(q, k, v, is_causal=True))
   with pytest.raises(NotImplementedError, match="second-order derivatives"):
     jax.grad(lambda q: jnp.sum(jax.grad(loss)(q)))(q)
+
+
+def test_vmap_of_sequence_lengths_equals_each_copy():
+  """vmap folds the copies into one batch; each copy's lengths must keep bounding its own rows (a BSHD side's
+  seqused was once clipped to the batch size instead of the seqlen)."""
+  rng = np.random.default_rng(11)
+  q = jnp.asarray(rng.standard_normal((2, 2, 5, 4, 16)), jnp.bfloat16)
+  k = jnp.asarray(rng.standard_normal((2, 2, 32, 2, 16)), jnp.bfloat16)
+  lens = jnp.asarray([[3, 31], [1, 9]], jnp.int32)
+  f = lambda q, k, n: dot_product_attention(q, k, k, key_value_seq_lengths=n)
+  loss = lambda q, k, n: f(q, k, n).astype(jnp.float32).sum()
+  got, got_grad = jax.vmap(f)(q, k, lens), jax.vmap(jax.grad(loss, argnums=(0, 1)))(q, k, lens)
+  for i in range(2):
+    np.testing.assert_array_equal(np.asarray(got[i], np.float32), np.asarray(f(q[i], k[i], lens[i]), np.float32))
+    for g, w in zip(got_grad, jax.grad(loss, argnums=(0, 1))(q[i], k[i], lens[i])):
+      np.testing.assert_array_equal(np.asarray(g[i], np.float32), np.asarray(w, np.float32))

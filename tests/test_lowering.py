@@ -259,3 +259,23 @@ def test_vmapped_segment_ids_derive_in_one_call_over_the_folded_rows(kernels_com
   (call,) = custom_calls(text, "fa3_jax_segment_layout")
   assert signature(call).startswith("(tensor<6x48xi32>) -> (tensor<25xi32>, tensor<24xi32>, tensor<?xui8>)")
   assert len(custom_calls(text, "fa3_jax_fwd")) == 1
+
+
+def test_kvcache_runs_the_forward_kernel_on_the_cache_in_place(kernels_compiled):
+  q = jnp.zeros((4, 1, 8, 128), jnp.bfloat16)
+  cache = jnp.zeros((4, 512, 2, 128), jnp.bfloat16)
+  new = jnp.zeros((4, 1, 2, 128), jnp.bfloat16)
+  lens = jnp.zeros((4,), jnp.int32)
+  step = lambda q, kc, vc, k, v, n: fa3_jax.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=n, causal=True)
+  text = cuda_stablehlo(step, q, cache, cache, new, new, lens)
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  for flag in ("with_cu_seqlens_q = false", "with_cu_seqlens_k = false", "with_seqused_k = true"):
+    assert flag in call
+  # The caches themselves (BSHD, no gathered copy) are the kernel's keys; seqused_k = cache_seqlens + 1.
+  assert signature(call).startswith(
+      "(tensor<4x1x8x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4xi32>) -> ")
+  # With cache_leftpad the same buffer is the packed keys: sequence b starts at b * 512 + leftpad[b].
+  left = lambda q, kc, vc, n, lp: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, cache_leftpad=lp)
+  (call,) = custom_calls(cuda_stablehlo(left, q, cache, cache, lens, lens), "fa3_jax_fwd")
+  assert "with_cu_seqlens_k = true" in call and "max_seqlen_k = 512 : i64" in call
+  assert signature(call).startswith("(tensor<4x1x8x128xbf16>, tensor<2048x2x128xbf16>, tensor<2048x2x128xbf16>, ")
