@@ -70,7 +70,8 @@ NB_MODULE(_fa3_jax_cuda, m) {
 #ifdef FA3_JAX_HAS_FWD
   m.def("fwd_workspace_bytes", &fa3::fwd_workspace_bytes, nb::arg("batch"), nb::arg("seqlen_q"),
         nb::arg("seqlen_k"), nb::arg("heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("head_dim_v"),
-        nb::arg("varlen") = false, "Bytes of the workspace result that fa3_jax_fwd expects.");
+        nb::arg("varlen") = false, nb::arg("num_splits") = 1,
+        "Bytes of the workspace result that fa3_jax_fwd expects.");
 #endif
 #ifdef FA3_JAX_HAS_BWD
   m.def("bwd_workspace_bytes", &fa3::bwd_workspace_bytes, nb::arg("batch"), nb::arg("seqlen_q"),

@@ -25,6 +25,9 @@ class AttentionConfig:
   window_right: int | None = None
   softcap: float = 0.0
   deterministic: bool = False
+  # The forward kernel's split-KV count (fa3_jax/_split_kv.py): how the work is cut, not what is computed. Calls with
+  # packed or seqused queries run unsplit.
+  num_splits: int = 1
 
   def resolved_window(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
     """(left, right) with "unbounded" replaced by a bound that excludes nothing, as the kernels expect.

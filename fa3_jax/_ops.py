@@ -7,7 +7,8 @@ The contract with cuda/ffi/ (written once, here and in the handlers' comments):
                  optional cu_seqlens_q, cu_seqlens_k (b + 1,) int32, seqused_q, seqused_k (b,) int32
                  results  out (b, s_q, h, d_v) q.dtype, lse (b, h, s_q) f32, workspace (n,) u8
                  attrs    softmax_scale f32, softcap f32 (0 = off), window_left i64, window_right i64,
-                          max_seqlen_q i64, max_seqlen_k i64
+                          max_seqlen_q i64, max_seqlen_k i64, num_splits i64 (split-KV; > 1 only for BSHD q
+                          without seqused_q)
   "fa3_jax_bwd"  operands dout (b, s_q, h, d_v), q, k, v, out (b, s_q, h, d_v), lse (b, h, s_q) f32
                  optional dlse (like lse) f32, the cotangent of lse; then the sequence layout as fwd
                  results  dq, dk, dv (shapes and dtypes of q, k, v), workspace (n,) u8
@@ -294,13 +295,15 @@ def fwd_kernel(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = Sequen
   def call(q, k, v, sequences):
     batch, max_q, max_k = _problem_sizes(q, k, sequences)
     d, dv = dims
+    # Split-KV's partials cover BSHD query rows that all take part (docs/kernels.md §2.10).
+    splits = 1 if sequences.packed_q or sequences.seqused_q is not None else cfg.num_splits
     n = _extension.workspace_bytes("fwd", batch, max_q, max_k, q.shape[-2], k.shape[-2], d, dv,
-                                   not sequences.uniform)
+                                   not sequences.uniform, splits)
     result_types = (_result_type(q, (*q.shape[:-1], dv), q.dtype),
                     _result_type(q, lse_shape(q, sequences), jnp.float32), _result_type(q, (n,), jnp.uint8))
     operands = dict(q=_pad_last(q, d), k=_pad_last(k, d), v=_pad_last(v, dv), **sequences.arrays())
     with jax.named_scope("fa3_fwd"):
-      r = FWD(result_types, operands, **_attributes(cfg, max_q, max_k))
+      r = FWD(result_types, operands, num_splits=np.int64(splits), **_attributes(cfg, max_q, max_k))
     return r["out"][..., :head_dim_v], r["lse"]
 
   return tuple(fold_vmap(call, fold_fwd, fwd_fold_into_heads)(q, k, v, sequences))

@@ -9,12 +9,15 @@ sequence b starts at b * capacity + leftpad. Paged caches and cache_batch_idx ga
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fa3_jax import _pack_gqa
+from fa3_jax import _split_kv
 from fa3_jax import _validate
 from fa3_jax import rotary
 from fa3_jax import sharding
@@ -136,8 +139,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     page_table: (batch, max_pages_per_seq) int32 page indices; capacity = max_pages_per_seq * page_size.
     softmax_scale, causal, window_size, softcap: as flash_attn_func; causal / windows are bottom-right aligned:
       query row r sits at position cache_seqlens[b] + seqlen_new - seqlen_q + r.
-    num_splits, pack_gqa: the split-KV / GQA-packing scheduling choices of FA3 (int >= 0, None or bool); they do not
-      change results. Today's GPU path is the forward kernel, which neither splits nor packs.
+    num_splits: split-KV (docs/kernels.md §2.10): each tile's keys are cut into this many chunks whose partial
+      results a combine kernel merges; 0 chooses from batch, heads, cache length and the GPU's SMs; at most 256.
+      pack_gqa: GQA packing (docs/kernels.md §2.12): the query heads of a KV head share one tile, so decoding reads
+      each cache once per KV head. None packs where it is exact and the group's rows fit a tile (s_q * heads /
+      kv_heads <= 128); True forces it (NotImplementedError where it is not exact: causal or windowed calls with
+      several query rows); False never packs.
     return_lse: also return lse (batch, heads, seqlen_q) float32.
 
   Sequence b attends its keys [cache_leftpad[b], cache_seqlens[b] + seqlen_new) (clipped to the capacity). Query
@@ -157,9 +164,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
   seqlen_new = 0 if k is None else k.shape[1]
   cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, False)
   return_lse = _validate.check_bool("return_lse", return_lse)
-  _validate.check_int("num_splits", num_splits, 0)
+  num_splits = _validate.check_int("num_splits", num_splits, 0)
+  if num_splits > _split_kv.MAX_SPLITS:
+    raise ValueError(f"num_splits must be at most {_split_kv.MAX_SPLITS} (0 chooses), got {num_splits}")
   if pack_gqa is not None:
-    _validate.check_bool("pack_gqa", pack_gqa)
+    pack_gqa = _validate.check_bool("pack_gqa", pack_gqa)
   if cache_seqlens is None:
     if k is not None:
       raise ValueError("k / v are appended at cache_seqlens: pass cache_seqlens (an int or a (batch,) int32 array)")
@@ -209,9 +218,17 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     sequences = SequenceLayout(cu_seqlens_k=jnp.concatenate([starts, jnp.full((1,), b * capacity, jnp.int32)]),
                                seqused_k=jnp.maximum(length - leftpad, 0), max_seqlen_k=capacity)
     keys, values = (x.reshape(b * capacity, *x.shape[2:]) for x in (keys, values))
-  if 0 in (b, seqlen_q, q.shape[2]):
+  heads, kv_heads = q.shape[2], k_cache.shape[2]
+  pack = _pack_gqa.choose(pack_gqa, cfg, seqlen_q, heads, kv_heads)
+  rows, tile_heads = (seqlen_q * (heads // kv_heads), kv_heads) if pack else (seqlen_q, heads)
+  cfg = dataclasses.replace(cfg, num_splits=_split_kv.resolve(num_splits, b, tile_heads, rows, capacity,
+                                                              q.shape[-1], v_cache.shape[-1]))
+  if 0 in (b, seqlen_q, heads):
     out = jnp.zeros((*q.shape[:3], v_cache.shape[-1]), q.dtype)
-    lse = jnp.full((b, q.shape[2], seqlen_q), -jnp.inf, jnp.float32)
+    lse = jnp.full((b, heads, seqlen_q), -jnp.inf, jnp.float32)
+  elif pack:
+    out, lse = _pack_gqa.unpack(*_forward_only(_pack_gqa.unmasked(cfg), _pack_gqa.pack(q, kv_heads), keys, values,
+                                               sequences), heads)
   else:
     out, lse = _forward_only(cfg, q, keys, values, sequences)
   result = (out, lse) if return_lse else (out,)

@@ -126,6 +126,21 @@ def test_kvcache_matches_oracle(case):
     assert len(got) == 2
 
 
+@pytest.mark.parametrize("seqlen_q,kwargs", [(1, dict(causal=True)), (3, dict()), (5, dict(softcap=8.0))])
+def test_gqa_packing_and_splits_do_not_change_results(seqlen_q, kwargs):
+  rng = np.random.default_rng(seqlen_q)
+  q = jnp.asarray(rng.standard_normal((2, seqlen_q, 8, 32)), jnp.bfloat16)
+  kc, vc = (jnp.asarray(rng.standard_normal((2, 96, 2, 32)), jnp.bfloat16) for _ in range(2))
+  lens = jnp.asarray([0, 77], jnp.int32)
+  call = lambda **more: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, return_lse=True, **kwargs,
+                                                        **more)
+  want = call(pack_gqa=False, num_splits=1)
+  for more in (dict(pack_gqa=True), dict(pack_gqa=None, num_splits=3)):
+    got = call(**more)
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=1e-2)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), atol=1e-5)
+
+
 def test_kvcache_update_in_place_when_donated():
   b, cap, hk, d = 2, 4096, 2, 64
   kc = jnp.zeros((b, cap, hk, d), jnp.bfloat16) + 1

@@ -44,6 +44,7 @@ def test_forward_custom_call_and_attributes(kernels_compiled):
   assert "window_left = 130 : i64" in call and "window_right = 0 : i64" in call
   assert "tensor<2x100x8x128xbf16>, tensor<2x130x2x128xbf16>, tensor<2x130x2x128xbf16>" in call
   assert "tensor<2x100x8x128xbf16>, tensor<2x8x100xf32>" in call
+  assert "num_splits = 1 : i64" in call
   assert "fa3_jax_bwd" not in text
 
 
@@ -271,11 +272,49 @@ def test_kvcache_runs_the_forward_kernel_on_the_cache_in_place(kernels_compiled)
   (call,) = custom_calls(text, "fa3_jax_fwd")
   for flag in ("with_cu_seqlens_q = false", "with_cu_seqlens_k = false", "with_seqused_k = true"):
     assert flag in call
-  # The caches themselves (BSHD, no gathered copy) are the kernel's keys; seqused_k = cache_seqlens + 1.
+  # The caches themselves (BSHD, no gathered copy) are the kernel's keys; seqused_k = cache_seqlens + 1. The 8
+  # query heads of one token are packed as 4 rows per KV head (pack_gqa=None decides).
   assert signature(call).startswith(
-      "(tensor<4x1x8x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4xi32>) -> ")
+      "(tensor<4x4x2x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4xi32>) -> ")
   # With cache_leftpad the same buffer is the packed keys: sequence b starts at b * 512 + leftpad[b].
   left = lambda q, kc, vc, n, lp: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, cache_leftpad=lp)
   (call,) = custom_calls(cuda_stablehlo(left, q, cache, cache, lens, lens), "fa3_jax_fwd")
   assert "with_cu_seqlens_k = true" in call and "max_seqlen_k = 512 : i64" in call
-  assert signature(call).startswith("(tensor<4x1x8x128xbf16>, tensor<2048x2x128xbf16>, tensor<2048x2x128xbf16>, ")
+  assert signature(call).startswith("(tensor<4x4x2x128xbf16>, tensor<2048x2x128xbf16>, tensor<2048x2x128xbf16>, ")
+
+
+def test_kvcache_packs_gqa_where_every_query_row_sees_the_same_keys(kernels_compiled):
+  cache = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
+  lens = jnp.zeros((2,), jnp.int32)
+
+  def q_operand(seqlen_q, **kwargs):
+    q = jnp.zeros((2, seqlen_q, 8, 128), jnp.bfloat16)
+    f = lambda q, kc, vc, n: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, **kwargs)
+    (call,) = custom_calls(cuda_stablehlo(f, q, cache, cache, lens), "fa3_jax_fwd")
+    return signature(call).split(",")[0]
+
+  assert q_operand(1, causal=True) == "(tensor<2x4x2x128xbf16>"  # one token: causal sees every key
+  assert q_operand(3) == "(tensor<2x12x2x128xbf16>"               # no mask: 3 rows x 4 heads per KV head
+  assert q_operand(3, causal=True) == "(tensor<2x3x8x128xbf16>"   # rows see different keys: unpacked
+  assert q_operand(1, window_size=(16, 0)) == "(tensor<2x1x8x128xbf16>"
+  assert q_operand(1, pack_gqa=False) == "(tensor<2x1x8x128xbf16>"
+  assert q_operand(64) == "(tensor<2x64x8x128xbf16>"              # 256 rows per KV head: more than a tile
+  assert q_operand(64, pack_gqa=True) == "(tensor<2x256x2x128xbf16>"
+  with pytest.raises(NotImplementedError, match="pack_gqa=True needs every query row to see the same keys"):
+    q_operand(3, causal=True, pack_gqa=True)
+
+
+def test_kvcache_num_splits_reaches_the_forward_kernel(kernels_compiled):
+  q = jnp.zeros((1, 1, 32, 128), jnp.bfloat16)
+  cache = jnp.zeros((1, 65536, 8, 128), jnp.bfloat16)
+  lens = jnp.full((1,), 1000, jnp.int32)
+  split = lambda n: lambda q, kc, vc, lens: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
+                                                                            num_splits=n)
+  for requested, expected in ((3, 3), (1, 1), (0, 15)):  # 0: 8 packed tiles on 132 SMs take 15 splits
+    (call,) = custom_calls(cuda_stablehlo(split(requested), q, cache, cache, lens), "fa3_jax_fwd")
+    assert f"num_splits = {expected} : i64" in call
+  # Packed keys (cache_leftpad) split too: the partials cover BSHD query rows.
+  left = lambda q, kc, vc, lens: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_leftpad=lens,
+                                                                num_splits=5)
+  (call,) = custom_calls(cuda_stablehlo(left, q, cache, cache, lens), "fa3_jax_fwd")
+  assert "num_splits = 5 : i64" in call and "with_cu_seqlens_k = true" in call

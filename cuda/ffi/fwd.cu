@@ -4,10 +4,12 @@
 // Operands q (b, s_q, h, d), k (b, s_k, h_k, d), v (b, s_k, h_k, d_v), bf16|f16, contiguous; then the
 //          sequence-layout operands present (problem.h: cu_seqlens_q / _k make a side packed, seqused_q / _k).
 // Results  out (q's layout with d_v, dtype of q), lse (b, h, s_q) or packed (h, total_q) f32, workspace (n,) u8
-//          with n = fa3::fwd_workspace_bytes(...) (the dynamic tile counter of non-uniform problems, or 0).
+//          with n = fa3::fwd_workspace_bytes(...) (the dynamic tile counter of non-uniform problems, split-KV's
+//          partials, or nothing).
 // Attrs    softmax_scale f32 (> 0), softcap f32 (0 = off), window_left i64, window_right i64 (bottom-right aligned
 //          per sequence, already resolved by Python; see fa3/visibility.h), max_seqlen_q i64, max_seqlen_k i64,
-//          with_cu_seqlens_q, with_cu_seqlens_k, with_seqused_q, with_seqused_k bool.
+//          with_cu_seqlens_q, with_cu_seqlens_k, with_seqused_q, with_seqused_k bool, num_splits i64 (split-KV,
+//          fa3/split_kv.h: 1, or up to fa3::kMaxSplits with BSHD queries and no seqused_q).
 //
 // Marked kCmdBufferCompatible (docs/integration.md §2.5), so XLA may trace it into a CUDA graph: every call with
 // the same shapes and attributes launches the same work; no allocation, sync or host reads of device data; TMA descriptors
@@ -23,6 +25,7 @@
 
 #include "fa3/fwd_launch.h"
 #include "fa3/params.h"
+#include "fa3/split_kv.h"
 #include "fa3/tile_size.h"
 #include "fa3/workspace.h"
 #include "fa3_kernel_list.h"
@@ -36,10 +39,11 @@ namespace ffi = xla::ffi;
 namespace fa3 {
 
 // Non-uniform problems (kVarlen) on the persistent grid hand out their tiles through a counter
-// (fa3/tile_scheduler.cuh); nothing else needs memory.
-int64_t fwd_workspace_bytes(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t head_dim, int64_t head_dim_v,
-                            bool varlen) {
-  return varlen && fwd_persistent(int(head_dim), int(head_dim_v)) ? int64_t(sizeof(int)) : 0;
+// (fa3/tile_scheduler.cuh); split-KV keeps its partials there (fa3/split_kv.h).
+int64_t fwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t, int64_t heads, int64_t, int64_t head_dim,
+                            int64_t head_dim_v, bool varlen, int64_t num_splits) {
+  return FwdWorkspace::bytes(varlen && fwd_persistent(int(head_dim), int(head_dim_v)), int(num_splits),
+                             batch * seqlen_q, heads, head_dim_v);
 }
 
 }  // namespace fa3
@@ -59,7 +63,7 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
                   ffi::RemainingArgs optional, ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                   ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap, int64_t window_left,
                   int64_t window_right, int64_t max_seqlen_q, int64_t max_seqlen_k, bool with_cu_seqlens_q,
-                  bool with_cu_seqlens_k, bool with_seqused_q, bool with_seqused_k) {
+                  bool with_cu_seqlens_k, bool with_seqused_q, bool with_seqused_k, int64_t num_splits) {
   const std::string target = "fa3_jax_fwd";
   if (ffi::Error e = fa3::handler::check_hopper_device(target, device); e.failure()) return e;
   std::array<std::optional<ffi::AnyBuffer>, 4> seq_operands;
@@ -90,9 +94,15 @@ ffi::Error Fa3Fwd(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::An
     return ffi::Error::InvalidArgument(target + ": no kernel compiled for head dims (" +
                                        std::to_string(shape.head_dim) + ", " + std::to_string(shape.head_dim_v) + ")");
   }
+  if (num_splits < 1 || num_splits > fa3::kMaxSplits || (num_splits > 1 && !p.seq_q.uniform())) {
+    return ffi::Error::InvalidArgument(target + ": num_splits must be 1, or in [2, " +
+                                       std::to_string(fa3::kMaxSplits) +
+                                       "] with BSHD queries and no seqused_q; got " + std::to_string(num_splits));
+  }
+  p.num_splits = int(num_splits);
   const int64_t ws_needed = fa3::fwd_workspace_bytes(shape.batch, max_seqlen_q, max_seqlen_k, shape.heads,
                                                      shape.kv_heads, shape.head_dim, shape.head_dim_v,
-                                                     !p.sequences().uniform());
+                                                     !p.sequences().uniform(), num_splits);
   if (int64_t(workspace->size_bytes()) < ws_needed) {
     return ffi::Error::InvalidArgument(target + ": workspace too small");
   }
@@ -133,5 +143,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(fa3_jax_fwd, Fa3Fwd,
                                   .Attr<bool>("with_cu_seqlens_q")
                                   .Attr<bool>("with_cu_seqlens_k")
                                   .Attr<bool>("with_seqused_q")
-                                  .Attr<bool>("with_seqused_k"),
+                                  .Attr<bool>("with_seqused_k")
+                                  .Attr<int64_t>("num_splits"),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -25,12 +25,14 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 
 #include <cuda_runtime_api.h>
 
 #include "cute/config.hpp"
 
 #include "fa3/sequences.h"
+#include "fa3/visibility.h"
 
 namespace fa3 {
 namespace bwd {
@@ -101,6 +103,38 @@ struct BwdTiles {
     return int(args.deterministic ? blockIdx.x / unsigned(args.kv_heads) : blockIdx.x % unsigned(args.key_row_blocks));
   }
 };
+
+// A tile of the main kernel as every role of the CTA sees it: its coordinates and sequence, the M-blocks its key
+// block visits (every query head of the GQA group visits them: n_iters (query head, M-block) iterations), and the
+// sequence's first workspace row (query head 0; BwdRows).
+struct BwdTile {
+  CtaCoord cta;
+  Sequence seq;
+  Range mr;
+  int n_iters;
+  int64_t ws_row0;
+};
+
+// Calls f(BwdTile) for each of the CTA's tiles, in order; every role calls it and so sees the same tiles. Key blocks
+// past their sequence's keys have no rows to compute or write and are skipped. Without kVarlen the CTA has one tile,
+// whose coordinates and rule the compiler keeps in parameter space as before tiles were walked (a loop over them
+// spilled ~1.8 KB there).
+template <int kBlockM, int kBlockN, bool kVarlen, class Args, class F>
+CUTE_DEVICE void for_each_bwd_tile(Args const& args, F&& f) {
+  auto run = [&](CtaCoord const& cta) {
+    const Sequence seq = args.seqs.template at<kVarlen>(cta.batch);
+    if (cta.n_block * kBlockN >= seq.vis.seqlen_k) return;
+    const Range mr = seq.vis.query_blocks(cta.n_block, kBlockM, kBlockN);
+    const int n_iters = (mr.hi >= mr.lo ? mr.hi - mr.lo + 1 : 0) * args.group;
+    f(BwdTile{cta, seq, mr, n_iters, args.ws_rows.first_row(cta.batch, seq.q_offset)});
+  };
+  if constexpr (kVarlen) {
+    CtaCoord cta;
+    for (int cursor = BwdTiles<kBlockN>::first(args); BwdTiles<kBlockN>::next(args, cursor, cta);) run(cta);
+  } else {
+    run(bwd_cta_coord(args.num_n_blocks, args.kv_heads, args.batch, args.pairs_per_group));
+  }
+}
 
 }  // namespace bwd
 }  // namespace fa3

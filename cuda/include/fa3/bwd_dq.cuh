@@ -18,6 +18,8 @@
 #include "cute/tensor.hpp"
 #include "cutlass/arch/barrier.h"
 
+#include "fa3/pipeline.cuh"
+
 namespace fa3 {
 namespace bwd {
 
@@ -44,21 +46,10 @@ CUTE_DEVICE int ld_acquire(const int* p) {
   return v;
 }
 
-// Named barriers. Ids 0-7 are CUTLASS's reserved ones; named barriers are per CTA, so the forward kernel's ids cannot
-// interact with these. kConsumers: both consumer warpgroups (256 threads). Bulk dQ handoff between consumer
-// warpgroup w and the writer warp (128 + 32 threads): kdQFull + w (w's SMEM slice holds the iteration's partial),
-// kdQEmpty + w (the previous add has read it).
-enum class BwdBarrier : int { kConsumers = 8, kdQFull = 9, kdQEmpty = 11 };
+// Threads of a bulk dQ hand-off barrier (BwdBarrier::kdQFull / kdQEmpty): one consumer warpgroup and the writer warp.
 constexpr int kdQHandoffThreads = 128 + 32;
 
-CUTE_DEVICE void named_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-CUTE_DEVICE void named_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-CUTE_DEVICE void consumer_sync() { named_sync(int(BwdBarrier::kConsumers), 256); }
+CUTE_DEVICE void consumer_sync() { named_barrier_sync(256, BwdBarrier::kConsumers); }
 
 // Float offset of granule g of consumer thread tid (0..255) in a dQ tile (layout above).
 template <int kGranules>
@@ -116,10 +107,10 @@ CUTE_DEVICE void bulk_wait_complete() { asm volatile("cp.async.bulk.wait_group 0
 template <class Tensor>
 CUTE_DEVICE void dq_hand_off(Tensor const& frag, float* smem_tile, int tid) {
   const int w = tid / 128;
-  named_sync(int(BwdBarrier::kdQEmpty) + w, kdQHandoffThreads);
+  named_barrier_sync(kdQHandoffThreads, BwdBarrier::kdQEmpty, w);
   dq_stage(frag, smem_tile, tid);
   cutlass::arch::fence_view_async_shared();  // generic SMEM writes -> the bulk copy's async proxy
-  named_arrive(int(BwdBarrier::kdQFull) + w, kdQHandoffThreads);
+  named_barrier_arrive(kdQHandoffThreads, BwdBarrier::kdQFull, w);
 }
 
 // The dQ writer warp, in three parts: dq_writer_open once, dq_writer_tile for each of the CTA's tiles, dq_writer_close
@@ -128,7 +119,7 @@ CUTE_DEVICE void dq_hand_off(Tensor const& frag, float* smem_tile, int tid) {
 // released as soon as it has been read, and the warp leaves only when its adds are complete (their SMEM source must
 // outlive them). Lane 0 issues.
 CUTE_DEVICE void dq_writer_open() {
-  for (int w = 0; w < 2; ++w) named_arrive(int(BwdBarrier::kdQEmpty) + w, kdQHandoffThreads);
+  for (int w = 0; w < 2; ++w) named_barrier_arrive(kdQHandoffThreads, BwdBarrier::kdQEmpty, w);
 }
 
 template <int kSliceFloats, class TileOf>
@@ -137,15 +128,15 @@ CUTE_DEVICE void dq_writer_tile(const float* smem_tile, QueryTileCursor t, int n
   for (int it = 0; it < n_iters; ++it, t.next()) {
     float* tile = tile_of(t.head, t.m_block);
     for (int w = 0; w < 2; ++w) {
-      named_sync(int(BwdBarrier::kdQFull) + w, kdQHandoffThreads);
+      named_barrier_sync(kdQHandoffThreads, BwdBarrier::kdQFull, w);
       if (leader) bulk_reduce_add_f32(tile + w * kSliceFloats, smem_tile + w * kSliceFloats, kSliceFloats * 4);
     }
     if (leader) bulk_wait_source_read<1>();
     __syncwarp();
-    named_arrive(int(BwdBarrier::kdQEmpty), kdQHandoffThreads);
+    named_barrier_arrive(kdQHandoffThreads, BwdBarrier::kdQEmpty);
     if (leader) bulk_wait_source_read<0>();
     __syncwarp();
-    named_arrive(int(BwdBarrier::kdQEmpty) + 1, kdQHandoffThreads);
+    named_barrier_arrive(kdQHandoffThreads, BwdBarrier::kdQEmpty, 1);
   }
 }
 

@@ -15,9 +15,9 @@
 #include "cute/tensor.hpp"
 #include "cute/atom/mma_traits_sm90_gmma.hpp"
 #include "cute/atom/copy_traits_sm90_tma.hpp"
-#include "cutlass/pipeline/sm90_pipeline.hpp"
 
 #include "fa3/bwd_launch.h"
+#include "fa3/pipeline.cuh"
 #include "fa3/visibility.h"
 
 namespace fa3 {
@@ -137,8 +137,6 @@ struct BwdTraits {
   using SmemLayoutPdSt = decltype(composition(SmemLayoutPdS{},
       make_ordered_layout(Shape<BN, BM, Int<kStagesPdS>>{}, Step<_2, _1, _3>{})));
 
-  using MainloopPipeline = cutlass::PipelineTmaAsync<kStages>;
-
   // dQ partial staged in SMEM and added by the writer warp with one bulk reduce-add per warpgroup (bwd_dq.cuh) where
   // that was measured faster than per-thread reductions: d=96 (+2-10 % with the writer warp; -3 % when the consumers
   // issued the adds themselves), d=128 (+7-10 %), d=192 (+15-20 %: 12 vector reductions per thread otherwise). At
@@ -159,7 +157,8 @@ struct BwdTraits {
     // lse * log2e and D of the M-block's rows, loaded with Q / dO into the same pipeline stage.
     alignas(128) float lse[kStages][kBlockM];
     alignas(128) float dsum[kStages][kBlockM];
-    typename MainloopPipeline::SharedStorage pipe;
+    // Q, dO, lse, D (bwd_mainloop.cuh); lse / D are also read by plain loads, so every thread releases.
+    TmaPipeline<kStages, ReleaseBy::kThread> pipe;
     alignas(16) uint64_t kv_barrier;  // K and V of the CTA's current tile have landed
     uint64_t kv_empty;                // the last tile's epilogue is done with the K / V buffers
   };

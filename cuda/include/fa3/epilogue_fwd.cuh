@@ -5,6 +5,9 @@
 // other here and one can start its next tile while the other is still storing.
 //
 // Not TMA-stored (docs/kernels.md §2.7) yet: predicated stores are simple and can never write past the sequence's rows.
+//
+// With split-KV (fa3/split_kv.h) a tile's O and LSE are one split's partials: float32, stored straight from the
+// registers into the split's copy of out's layout (decode tiles have a few valid rows: staging would not pay).
 #pragma once
 
 #include "cute/tensor.hpp"
@@ -14,6 +17,8 @@
 #include "fa3/pipeline.cuh"
 #include "fa3/sequences.h"
 #include "fa3/softmax.cuh"
+#include "fa3/split_kv.h"
+#include "fa3/tile_scheduler.cuh"
 
 namespace fa3 {
 
@@ -24,11 +29,12 @@ struct FwdEpilogue {
   using Storage = typename Traits::SharedStorage;
 
   template <class FragO>
-  CUTE_DEVICE static void store(Args const& args, Storage& smem, int thread_idx, int m_block, int head,
+  CUTE_DEVICE static void store(Args const& args, Storage& smem, int thread_idx, FwdTileScheduler::Tile const& tile,
                                 Sequence const& seq, FragO& tOrO, OnlineSoftmax<2>& softmax) {
     using namespace cute;
     constexpr int kBlockM = Traits::kBlockM;
     constexpr int kHeadDimV = Traits::kHeadDimV;
+    const int head = tile.head;
     float inv_sum[2], lse[2];
     softmax.finalize(inv_sum, lse);
     Tensor tOrO_rc = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));
@@ -37,7 +43,6 @@ struct FwdEpilogue {
       CUTE_UNROLL
       for (int c = 0; c < size<1>(tOrO_rc); ++c) tOrO_rc(r, c) *= inv_sum[r];
     }
-    Tensor rO = convert_fragment<Element>(tOrO);
 
     typename Traits::TiledMmaPV mma_pv;
     auto thr_pv = mma_pv.get_slice(thread_idx);
@@ -45,16 +50,34 @@ struct FwdEpilogue {
     Tensor tOcO = thr_pv.partition_C(cO);
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
 
-    const int row0 = m_block * kBlockM;  // rows count from the sequence's first row, seq.q_offset
+    const int row0 = tile.m_block * kBlockM;  // rows count from the sequence's first row, seq.q_offset
     const int seqlen_q = seq.vis.seqlen_q;
+    const Strides& os = args.out_strides;
+    const int64_t o_at = seq.q_batch * os.batch + int64_t(seq.q_offset) * os.row + head * os.head;
+    const int64_t lse_at = seq.q_batch * args.lse_strides.batch + head * args.lse_strides.head + seq.q_offset;
+    const SplitPartials& parts = args.splits;
+    const bool partial = Traits::Tile::kSplitKV && parts.count > 1;
+    float* lse_ptr = partial ? parts.lse + tile.split * parts.lse_split + lse_at : args.lse + lse_at;
     if (get<1>(tOcO_rc(0, 0)) == 0) {
-      float* lse_ptr = args.lse + seq.q_batch * args.lse_strides.batch + head * args.lse_strides.head + seq.q_offset;
       CUTE_UNROLL
       for (int r = 0; r < 2; ++r) {
         const int row = row0 + get<0>(tOcO_rc(r, 0));
         if (row < seqlen_q) lse_ptr[row] = lse[r];
       }
     }
+    if (partial) {
+      float* o_ptr = parts.out + tile.split * parts.out_split + o_at;
+      CUTE_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        const int row = row0 + get<0>(tOcO_rc(r, 0));
+        if (row < seqlen_q) {
+          CUTE_UNROLL
+          for (int c = 0; c < size<1>(tOrO_rc); ++c) o_ptr[row * os.row + get<1>(tOcO_rc(r, c))] = tOrO_rc(r, c);
+        }
+      }
+      return;
+    }
+    Tensor rO = convert_fragment<Element>(tOrO);
 
     // A warpgroup writes and reads only its own rows of sO (the P V atoms stack the warpgroups along M).
     const int wg = thread_idx / 128;
@@ -73,8 +96,7 @@ struct FwdEpilogue {
 
     constexpr int kRowsPerWarpGroup = kBlockM / Traits::kNumMmaWarpGroups;
     constexpr int kChunksPerRow = kHeadDimV / 8;  // 16-byte chunks
-    const Strides& os = args.out_strides;
-    Element* o_ptr = args.out + seq.q_batch * os.batch + int64_t(seq.q_offset) * os.row + head * os.head;
+    Element* o_ptr = args.out + o_at;
     for (int idx = thread_idx % 128; idx < kRowsPerWarpGroup * kChunksPerRow; idx += 128) {
       const int r = wg * kRowsPerWarpGroup + idx / kChunksPerRow;
       const int c = (idx % kChunksPerRow) * 8;

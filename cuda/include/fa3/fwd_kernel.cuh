@@ -19,6 +19,7 @@
 #include "fa3/fwd_traits.cuh"
 #include "fa3/mainloop_fwd.cuh"
 #include "fa3/sequences.h"
+#include "fa3/split_kv.h"
 #include "fa3/tile_scheduler.cuh"
 
 namespace fa3 {
@@ -40,9 +41,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   if (threadIdx.x == 0) {
     cutlass::arch::ClusterTransactionBarrier::init(&smem.bar_q, 1);
     cutlass::arch::ClusterBarrier::init(&smem.bar_q_empty, Traits::kNumMmaThreads / 32);
-    smem.pipe_k.init(Traits::kNumMmaWarpGroups * 4);
-    smem.pipe_v.init(Traits::kNumMmaWarpGroups * 4);
-    smem.tiles.init(Traits::kNumMmaWarpGroups * 4);
+    smem.pipe_k.init(Traits::kNumMmaThreads);
+    smem.pipe_v.init(Traits::kNumMmaThreads);
+    smem.tiles.init(Traits::kNumMmaThreads);
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
@@ -54,8 +55,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
   auto tile_has_rows = [&](FwdTileScheduler::Tile const& tile, Sequence const& seq) {
     return tile.m_block * Traits::kBlockM < seq.vis.seqlen_q;
   };
+  // The tile's key blocks: the m-block's visible ones, or their chunk for its split (fa3/split_kv.h).
   auto tile_range = [&](FwdTileScheduler::Tile const& tile, Sequence const& seq) {
-    return seq.vis.key_blocks(tile.m_block, Traits::kBlockM, Traits::kBlockN);
+    const BlockRange visible = seq.vis.key_blocks(tile.m_block, Traits::kBlockM, Traits::kBlockN);
+    if constexpr (!Traits::Tile::kSplitKV) return visible;
+    return split_chunk(visible, tile.split, args.splits.count);
   };
   typename Mainloop::PipeStates pipes;
   int tiles_done = 0;  // tiles with a non-empty range that this CTA has run: the Q load count
@@ -99,7 +103,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1) fwd_kernel(CUTE_GRID_C
                       uint32_t(tiles_done) & 1u);
         ++tiles_done;
       }
-      Epilogue::store(args, smem, thread_idx, tile.m_block, tile.head, seq, tOrO, softmax);
+      Epilogue::store(args, smem, thread_idx, tile, seq, tOrO, softmax);
     });
     Mainloop::pingpong_close(thread_idx);
   }

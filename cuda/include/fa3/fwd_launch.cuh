@@ -1,5 +1,5 @@
 // Host side of the forward kernel: TMA descriptors, kernel arguments, tile schedule, one-time per-device setup
-// (SMEM opt-in, SM count), the clearing of rows no sequence covers, launch.
+// (SMEM opt-in, SM count), the clearing of rows no sequence covers, launch, and with split-KV the combine.
 #pragma once
 
 #include <cmath>
@@ -11,6 +11,8 @@
 #include "fa3/fwd_traits.cuh"
 #include "fa3/launch_setup.h"
 #include "fa3/sequences.h"
+#include "fa3/split_kv.h"
+#include "fa3/split_kv_combine.cuh"
 #include "fa3/uncovered_rows.cuh"
 #include "fa3/visibility.h"
 
@@ -36,7 +38,11 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   auto mV = make_gmem(p.v, p.seq_k, kHeadDimV, p.kv_heads, p.v_strides);
 
   const int num_m_blocks = (p.seq_q.len + Traits::kBlockM - 1) / Traits::kBlockM;
-  if ((long long)num_m_blocks * p.heads * p.batch > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const int splits = p.num_splits;
+  // Split-KV's partials and combine cover the rows of BSHD queries, all of which tiles compute (fa3/split_kv.h).
+  if (splits < 1 || splits > kMaxSplits || (splits > 1 && (!p.seq_q.uniform() || !Traits::Tile::kSplitKV)))
+    return cudaErrorInvalidValue;
+  if ((long long)num_m_blocks * p.heads * splits * p.batch > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   constexpr int kSmem = Traits::kSmemBytes;
   const LaunchSetup& setup = launch_setup<fwd_kernel<Traits, kVarlen>>(kSmem, p.device);
   if (setup.err != cudaSuccess) return setup.err;
@@ -50,11 +56,13 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   };
   // Persistent: one CTA per SM (the SMEM footprint allows only one), each walking its strided share of the work.
   FwdTileScheduler sched =
-      FwdTileScheduler::make(num_m_blocks, p.heads, p.batch, key_blocks(0) != key_blocks(num_m_blocks - 1),
+      FwdTileScheduler::make(num_m_blocks, p.heads, splits, p.batch, key_blocks(0) != key_blocks(num_m_blocks - 1),
                              Traits::kPersistent, setup.num_sms);
-  if constexpr (Traits::kPersistent && kVarlen) {  // the dynamic walk's counter (fwd_workspace_bytes)
-    if (p.workspace_bytes < int64_t(sizeof(int))) return cudaErrorInvalidValue;
-    sched.counter = static_cast<int*>(p.workspace);
+  const int64_t rows_q = int64_t(p.batch) * p.seq_q.rows;
+  const int64_t ws_needed = FwdWorkspace::bytes(Traits::kPersistent && kVarlen, splits, rows_q, p.heads, kHeadDimV);
+  if (p.workspace_bytes < ws_needed) return cudaErrorInvalidValue;
+  if constexpr (Traits::kPersistent && kVarlen) {  // the dynamic walk's counter
+    sched.counter = FwdWorkspace::counter(p.workspace);
     if (cudaError_t err = cudaMemsetAsync(sched.counter, 0, sizeof(int), stream); err != cudaSuccess) return err;
   }
   constexpr float kLog2e = 1.4426950408889634f;
@@ -89,9 +97,13 @@ cudaError_t launch_fwd(const FwdParams& p, cudaStream_t stream) {
   args.uncovered.tensors[0] = UncoveredRows::Tensor{p.out, p.out_strides, kHeadDimV};
   args.uncovered.stat = p.lse;
   args.uncovered.stat_strides = p.lse_strides;
+  args.splits = FwdWorkspace::partials(p.workspace, splits, rows_q, p.heads, kHeadDimV);
 
   fwd_kernel<Traits, kVarlen><<<dim3(unsigned(sched.ctas)), dim3(Traits::kNumThreads), kSmem, stream>>>(args);
-  return cudaGetLastError();
+  if (cudaError_t err = cudaGetLastError(); err != cudaSuccess || splits == 1) return err;
+  CombineArgs combine{args.splits, p.out, p.lse, p.out_strides, p.lse_strides, p.batch, p.seq_q.len, p.heads,
+                      kHeadDimV};
+  return launch_split_kv_combine<Element>(combine, setup.num_sms, stream);
 }
 
 // Whether a head-dim-64 call takes the 192-row tile: only when the rows see long key ranges, where its higher GEMM
@@ -112,7 +124,7 @@ cudaError_t run_fwd(const FwdParams& p, cudaStream_t stream) {
   // Sequences of unknown lengths take the 128-row tile: the tall one pays only on long ones.
   if (!seqs.uniform()) return launch_fwd<Traits, true>(p, stream);
   if constexpr (kHeadDim == 64 && kHeadDimV == 64) {
-    if (fwd_tall_tile_pays(seqs.bound())) return launch_fwd<FwdTraits<Element, 64, 64, 192>, false>(p, stream);
+    if (p.num_splits == 1 && fwd_tall_tile_pays(seqs.bound())) return launch_fwd<FwdTraits<Element, 64, 64, 192>, false>(p, stream);
   }
   return launch_fwd<Traits, false>(p, stream);
 }

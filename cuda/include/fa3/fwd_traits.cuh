@@ -12,6 +12,7 @@
 #include "fa3/params.h"
 #include "fa3/pipeline.cuh"
 #include "fa3/sequences.h"
+#include "fa3/split_kv.h"
 #include "fa3/tile_scheduler.cuh"
 #include "fa3/tile_size.h"
 #include "fa3/uncovered_rows.cuh"
@@ -126,6 +127,7 @@ struct FwdArgs {
   float softcap_pre;              // scale / softcap (softcap on), unused otherwise
   bool has_softcap;
   UncoveredRows uncovered;        // kVarlen: the query rows no sequence covers, cleared by the spare producer warps
+  SplitPartials splits;           // split-KV (fa3/split_kv.h): with count > 1 the tiles write these, not out / lse
 };
 
 }  // namespace fa3

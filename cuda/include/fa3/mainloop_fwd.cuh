@@ -15,29 +15,12 @@
 #include "fa3/mask.cuh"
 #include "fa3/pipeline.cuh"
 #include "fa3/sequences.h"
+#include "fa3/softcap.cuh"
 #include "fa3/softmax.cuh"
 #include "fa3/visibility.h"
+#include "fa3/wgmma.cuh"
 
 namespace fa3 {
-
-// Issue a WGMMA over all k-slices of tA/tB into tC. kZeroInit: the first slice overwrites tC (scale-out zero).
-// kRegA: A is a register fragment (RS) and must be fenced like the accumulator.
-template <bool kZeroInit, bool kRegA, class TiledMma, class TA, class TB, class TC>
-CUTE_DEVICE void wgmma_gemm(TiledMma& mma, TA& tA, TB const& tB, TC& tC) {
-  using namespace cute;
-  if constexpr (kRegA) warpgroup_fence_operand(tA);
-  warpgroup_fence_operand(tC);
-  warpgroup_arrive();
-  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(tA); ++k) {
-    cute::gemm(mma, tA(_, _, k), tB(_, _, k), tC);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_fence_operand(tC);
-  if constexpr (kRegA) warpgroup_fence_operand(tA);
-}
 
 template <class Traits>
 struct FwdMainloop {
@@ -206,7 +189,7 @@ struct FwdMainloop {
       Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
       smem.pipe_k.consumer_wait(st_k);
       turn_wait();
-      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+      wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
       turn_pass();
       warpgroup_wait<0>();
       smem.pipe_k.consumer_release(st_k);
@@ -230,9 +213,9 @@ struct FwdMainloop {
       Tensor tSrS = partition_fragment_C(mma_qk, Shape<typename Traits::BM, typename Traits::BN>{});
       smem.pipe_k.consumer_wait(st_k);
       turn_wait();
-      wgmma_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
+      wgmma_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, st_k.index), tSrS);
       smem.pipe_v.consumer_wait(st_v);
-      wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+      wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
       turn_pass();
       warpgroup_wait<1>();  // S_n ready; P V still running
       smem.pipe_k.consumer_release(st_k);
@@ -265,7 +248,7 @@ struct FwdMainloop {
     // Last block's P V.
     smem.pipe_v.consumer_wait(st_v);
     turn_wait();
-    wgmma_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
+    wgmma_gemm<false>(mma_pv, tOrP, tOrV(_, _, _, st_v.index), tOrO);
     turn_pass();
     warpgroup_wait<0>();
     smem.pipe_v.consumer_release(st_v);

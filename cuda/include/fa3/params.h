@@ -57,6 +57,9 @@ struct FwdParams : AttnParams {
   void* out = nullptr;  // like q with d_v
   float* lse = nullptr;  // (b, h, s_q) or packed (h, total_q) float32, natural log
   Strides out_strides, lse_strides;
+  // Split-KV (fa3/split_kv.h): tiles per (m-block, head, batch), in [1, kMaxSplits]; > 1 needs BSHD queries without
+  // seqused_q (every query row belongs to a tile) and the workspace for the partials.
+  int num_splits = 1;
 };
 
 struct BwdParams : AttnParams {

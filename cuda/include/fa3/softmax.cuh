@@ -22,20 +22,6 @@ CUTE_DEVICE float quad_allreduce_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x;
 }
-CUTE_DEVICE float tanh_approx(float x) {
-  float y;
-  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// s -> tanh(s * scale / softcap); the softcap factor is folded into the exp2 scale. Apply BEFORE masking, or masked
-// -inf would become -softcap (docs/kernels.md §5).
-template <class Tensor>
-CUTE_DEVICE void apply_softcap(Tensor& s, float pre_scale) {
-  CUTE_UNROLL
-  for (int i = 0; i < cute::size(s); ++i) s(i) = tanh_approx(s(i) * pre_scale);
-}
-
 template <int kRows>
 struct OnlineSoftmax {
   float row_max[kRows];

@@ -1,4 +1,7 @@
-// Tile order of the forward grid (docs/kernels.md §2.9): which (m-block, head, batch) tiles a CTA computes.
+// Tile order of the forward grid (docs/kernels.md §2.9): which (m-block, head, batch, split) tiles a CTA computes.
+// With split-KV (fa3/split_kv.h) every (m-block, head, batch) has num_splits tiles; below, a "head" of the order
+// is a (head, split) pair, the heads of one split adjacent, so that the query heads sharing a KV head (GQA) read
+// the same key chunk at about the same time (L2 reuse).
 //
 // Non-persistent grid (one CTA per tile, d >= 192): tile idx = blockIdx.x; the m-blocks of one head are adjacent, so
 // CTAs running together share K/V in L2, and run last-to-first, so with causal masks the longest tiles start first
@@ -38,31 +41,33 @@
 namespace fa3 {
 
 // The dynamic walk's tiles, from the producer's walking warp to the consumer warps, in SMEM: two slots, each with a
-// full barrier (one arrival: the publishing lane) and an empty one (one arrival per consumer warp).
+// full barrier (one arrival: the publishing lane) and an empty one (one arrival per consumer thread: each thread's
+// read of a slot is ordered before its refill by the barrier alone; a tile costs hundreds of cycles, the arrivals a
+// few).
 struct TileRing {
   static constexpr int kSlots = 2;
-  int4 slot[kSlots];  // (m_block, head, batch); m_block < 0: the walk has ended
+  int4 slot[kSlots];  // (m_block, head, batch, split); m_block < 0: the walk has ended
   uint64_t full[kSlots];
   uint64_t empty[kSlots];
 
-  CUTE_DEVICE void init(int consumer_warps) {
+  CUTE_DEVICE void init(int consumer_threads) {
     for (int s = 0; s < kSlots; ++s) {
       cutlass::arch::ClusterBarrier::init(&full[s], 1);
-      cutlass::arch::ClusterBarrier::init(&empty[s], consumer_warps);
+      cutlass::arch::ClusterBarrier::init(&empty[s], consumer_threads);
     }
   }
   // One lane: waits until the consumers have read the slot's previous tile, then fills it.
-  CUTE_DEVICE void publish(PipeState<kSlots>& st, int m_block, int head, int batch) {
+  CUTE_DEVICE void publish(PipeState<kSlots>& st, int m_block, int head, int batch, int split) {
     cutlass::arch::ClusterBarrier::wait(&empty[st.index], st.phase ^ 1u);
-    slot[st.index] = make_int4(m_block, head, batch, 0);
+    slot[st.index] = make_int4(m_block, head, batch, split);
     cutlass::arch::ClusterBarrier::arrive(&full[st.index]);
     st.advance();
   }
-  // Every thread of a consumer warp.
+  // Every consumer thread.
   CUTE_DEVICE int4 take(PipeState<kSlots>& st) {
     cutlass::arch::ClusterBarrier::wait(&full[st.index], st.phase);
     const int4 t = slot[st.index];
-    warp_arrive(&empty[st.index]);
+    cutlass::arch::ClusterBarrier::arrive(&empty[st.index]);
     st.advance();
     return t;
   }
@@ -70,14 +75,15 @@ struct TileRing {
 
 struct FwdTileScheduler {
   struct Tile {
-    int m_block, head, batch;
+    int m_block, head, batch, split;
   };
   // Which side of the kernel walks: the producer finds the tiles, the consumers follow (the same walk, or with the
   // dynamic walk the tiles the producer publishes).
   enum class Role { kProducer, kConsumer };
   int num_m_blocks;
   int heads;
-  int num_hb;        // heads * batch
+  int splits;        // num_splits (1 without split-KV)
+  int num_hb;        // heads * splits * batch: the tiles of one m-block
   bool pair_blocks;  // persistent grid: items are pairs {M-1-j, j} of one head (else flat tiles, see make)
   int ctas;          // grid size
   int items;         // persistent grid: work items; CTA c takes c, c + ctas, ...
@@ -86,11 +92,11 @@ struct FwdTileScheduler {
   int* counter;      // persistent grid with kVarlen: items handed out so far beyond the first gridDim.x (zeroed
                      // before the launch)
 
-  // Host: the schedule of num_m_blocks x heads x batch tiles (see above; pair_blocks: the tile costs differ along
-  // the sequence) on at most num_sms CTAs.
-  static FwdTileScheduler make(int num_m_blocks, int heads, int batch, bool pair_blocks, bool persistent,
+  // Host: the schedule of num_m_blocks x heads x splits x batch tiles (see above; pair_blocks: the tile costs differ
+  // along the sequence) on at most num_sms CTAs.
+  static FwdTileScheduler make(int num_m_blocks, int heads, int splits, int batch, bool pair_blocks, bool persistent,
                                int num_sms) {
-    FwdTileScheduler s{num_m_blocks, heads, heads * batch, pair_blocks, 0, 0, 0, 0, nullptr};
+    FwdTileScheduler s{num_m_blocks, heads, splits, heads * splits * batch, pair_blocks, 0, 0, 0, 0, nullptr};
     const int tiles = num_m_blocks * s.num_hb;  // < 2^31: checked by the caller
     if (!persistent) {
       s.ctas = s.items = tiles;
@@ -114,7 +120,7 @@ struct FwdTileScheduler {
   CUTE_DEVICE void for_each_tile(Sequences const& seqs, TileRing& ring, F&& f) const {
     if constexpr (kPersistent && kVarlen && kRole == Role::kConsumer) {
       PipeState<TileRing::kSlots> st;
-      for (int4 t = ring.take(st); t.x >= 0; t = ring.take(st)) f(Tile{t.x, t.y, t.z});
+      for (int4 t = ring.take(st); t.x >= 0; t = ring.take(st)) f(Tile{t.x, t.y, t.z, t.w});
     } else if constexpr (kPersistent && kVarlen) {
       const bool lane0 = threadIdx.x % 32 == 0;
       PipeState<TileRing::kSlots> st;
@@ -126,18 +132,18 @@ struct FwdTileScheduler {
         if (lane0) next = int(gridDim.x) + atomicAdd(counter, 1);
         if (!walk.seek<kBlockM, kBlockN>(*this, seqs, idx)) break;
         const int local = idx - walk.first;
-        const int head = local / walk.units;
-        const int j = local - head * walk.units;
+        const int head_split = local / walk.units;
+        const int j = local - head_split * walk.units;
         const int count = pair_blocks && 2 * j + 1 != walk.m_blocks ? 2 : 1;
         for (int t = 0; t < count; ++t) {
-          const Tile tile{t == 1 ? j : walk.m_blocks - 1 - j, head, walk.seq};
-          if (lane0) ring.publish(st, tile.m_block, tile.head, tile.batch);
+          const Tile tile{t == 1 ? j : walk.m_blocks - 1 - j, head_split % heads, walk.seq, head_split / heads};
+          if (lane0) ring.publish(st, tile.m_block, tile.head, tile.batch, tile.split);
           __syncwarp();
           f(tile);
         }
         idx = __shfl_sync(0xffffffffu, next, 0);
       }
-      if (lane0) ring.publish(st, -1, 0, 0);
+      if (lane0) ring.publish(st, -1, 0, 0, 0);
     } else if constexpr (kPersistent) {
       for (int idx = blockIdx.x; idx < items; idx += gridDim.x) {
         // Pairs: pos = the pair's index (head * batch, j) in a grid of `divisor` pairs per head. Flat tiles: pos = the
@@ -159,9 +165,13 @@ struct FwdTileScheduler {
     }
   }
 
-  CUTE_DEVICE Tile make_tile(int m_block, int hb) const { return Tile{m_block, hb % heads, hb / heads}; }
+  // hb: (head, split, batch), head fastest.
+  CUTE_DEVICE Tile make_tile(int m_block, int hb) const {
+    const int rest = hb / heads;
+    return Tile{m_block, hb - rest * heads, rest / splits, rest % splits};
+  }
 
-  // Work items per head of a sequence of m_blocks m-blocks.
+  // Work items per (head, split) of a sequence of m_blocks m-blocks.
   CUTE_DEVICE int units_of(int m_blocks) const { return pair_blocks ? (m_blocks + 1) / 2 : m_blocks; }
 
   // A sequence's cost class: floor(log2(key blocks)), 0 without keys (< 31 for int n_blocks). A tile's cost grows
@@ -175,7 +185,8 @@ struct FwdTileScheduler {
 
   // Position in the packed work list: the sequences class by class, costliest class first (so the cheap items end
   // the walk and even out the CTAs' finishing times, as longest-first scheduling does), in index order within a
-  // class. Sequence `seq` holds items [first, first + heads * units); the items of the classes above `cls` and of
+  // class. Sequence `seq` holds items [first, first + heads * splits * units), (head, split) by (head, split) as the
+  // static order has them; the items of the classes above `cls` and of
   // class cls's sequences in [0, next) come before `end`. Only the classes that hold tiles are walked: a first pass
   // over the lengths collects them (a static bound such as segment ids' or a generous max_seqlen would otherwise
   // start the walk at an empty class, and every empty class costs a pass).
@@ -215,7 +226,7 @@ struct FwdTileScheduler {
     template <int kBlockM, int kBlockN>
     CUTE_DEVICE bool seek(FwdTileScheduler const& s, Sequences const& seqs, int idx) {
       const int lane = threadIdx.x % 32;
-      const int batch = s.num_hb / s.heads;
+      const int batch = s.num_hb / (s.heads * s.splits);
       if (cls < 0) {
         classes = classes_with_tiles<kBlockN>(seqs, batch);
         if (classes == 0) return false;
@@ -236,7 +247,7 @@ struct FwdTileScheduler {
         }
         const int blocks = (len_q + kBlockM - 1) / kBlockM;
         const bool in_class = cost_class((len_k + kBlockN - 1) / kBlockN) == cls;
-        int upto = in_class ? s.heads * s.units_of(blocks) : 0;  // inclusive prefix over the lanes, from `end`
+        int upto = in_class ? s.heads * s.splits * s.units_of(blocks) : 0;  // inclusive prefix over the lanes
         for (int d = 1; d < 32; d *= 2) {
           const int below = __shfl_up_sync(0xffffffffu, upto, d);
           if (lane >= d) upto += below;
@@ -252,7 +263,7 @@ struct FwdTileScheduler {
         m_blocks = __shfl_sync(0xffffffffu, blocks, hit);
         units = s.units_of(m_blocks);
         end += __shfl_sync(0xffffffffu, upto, hit);
-        first = end - s.heads * units;
+        first = end - s.heads * s.splits * units;
         next = seq + 1;
       }
       return true;

@@ -46,6 +46,10 @@ struct FwdTileSize {
   // room (d=128: Q 32 + O 32 + K 64 + V 64 KB = 192 KB), d >= 192 does not (216-224 KB without it) and keeps one
   // CTA per tile with O staged in Q's buffer.
   static constexpr bool kPersistent = fwd_persistent(kHeadDim, kHeadDimV);
+  // Split-KV (fa3/split_kv.h) is compiled into the 128-row tiles only: decode and short-query calls, which split,
+  // never pick the tall tile, and the split branches cost the 192-row tile's 128-register consumers spills
+  // (ptxas: 312 B instead of 208 B of stores).
+  static constexpr bool kSplitKV = kBlockM == 128;
   static constexpr int kProducerRegs = kNumMmaWarpGroups == 2 ? 24 : 32;
   static constexpr int kConsumerRegs = kNumMmaWarpGroups == 2 ? 240 : 160;
 };

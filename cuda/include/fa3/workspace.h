@@ -9,9 +9,10 @@
 
 namespace fa3 {
 
-// varlen: the problem is not uniform (fa3/sequences.h: a packed side or seqused).
+// varlen: the problem is not uniform (fa3/sequences.h: a packed side or seqused); num_splits: split-KV's splits
+// (fa3/split_kv.h; > 1 only for BSHD queries of seqlen_q rows).
 int64_t fwd_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads, int64_t kv_heads,
-                            int64_t head_dim, int64_t head_dim_v, bool varlen);
+                            int64_t head_dim, int64_t head_dim_v, bool varlen, int64_t num_splits);
 
 // seqlen_q / seqlen_k: the BSHD seqlens or the max_seqlen bounds of packed sides; total_q: the rows of packed
 // queries, 0 when they are BSHD.
