@@ -10,9 +10,10 @@ from fa3_jax.attention import flash_attn_qkvpacked_func
 from fa3_jax.attention import flash_attn_varlen_func
 from fa3_jax.attention import kernel_available
 from fa3_jax.jax_nn import dot_product_attention
+from fa3_jax.kvcache import KVCache
 from fa3_jax.kvcache import flash_attn_with_kvcache
 
-__all__ = ["RESIDUAL_NAMES", "context_parallel_attention", "dot_product_attention", "flash_attn_combine",
+__all__ = ["KVCache", "RESIDUAL_NAMES", "context_parallel_attention", "dot_product_attention", "flash_attn_combine",
            "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_varlen_func", "flash_attn_with_kvcache",
            "kernel_available", "zigzag_reorder", "zigzag_restore"]
 __version__ = "0.1.0"

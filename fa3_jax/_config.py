@@ -118,6 +118,12 @@ class SequenceLayout:
     """Every sequence is its batch entry's whole seqlen (BSHD on both sides, no seqused, no segments)."""
     return all(getattr(self, name) is None for name in SEQUENCE_ARRAYS) and not self.segmented
 
+  @property
+  def batch_aligned(self) -> bool:
+    """Sequence b lies in batch entry b on both sides (no side packed): uniform, seqused-only or segmented layouts,
+    which shard over the batch like a dense call."""
+    return not (self.packed_q or self.packed_k)
+
   def arrays(self) -> dict:
     """The arrays by name (absent ones None), in the kernels' operand order."""
     return {name: getattr(self, name) for name in SEQUENCE_ARRAYS}

@@ -5,6 +5,8 @@ values into the caches (an XLA scatter, in place when the caches are donated und
 attention over each sequence's keys [cache_leftpad, cache_seqlens + seqlen_new) as a sequence layout
 (docs/integration.md §4.8): keys BSHD with seqused_k, or, with cache_leftpad, the same buffer as packed keys whose
 sequence b starts at b * capacity + leftpad. Paged caches and cache_batch_idx gather each sequence's keys first.
+
+KVCache holds a cache with its lengths as one pytree, for decoding loops and the Flax modules' decode path.
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ def _append(cache, new, start, batch_idx, page_table):
   """cache with new's rows (batch, seqlen_new, ...) written at positions start[b] + r of sequence b; rows past the
   sequence's capacity are dropped."""
   pos = start[:, None] + jnp.arange(new.shape[1], dtype=jnp.int32)[None, :]  # (batch, seqlen_new)
+  if page_table is None and batch_idx is None:
+    # Cache entry b takes sequence b's rows: a scatter per entry (vmapped), which XLA partitions along a sharded
+    # batch with no collectives (a scatter over batch indices it would gather).
+    return jax.vmap(lambda c, n, p: c.at[p].set(n, mode="drop"))(cache, new, pos)
   if page_table is None:
     return cache.at[batch_idx[:, None], pos].set(new, mode="drop")
   page_size, max_pages = cache.shape[1], page_table.shape[1]
@@ -200,9 +206,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if rotary_cos is not None:
       pos = cache_seqlens[:, None] + jnp.arange(seqlen_new, dtype=jnp.int32)
       k = rotary.rotate(k, at_positions(rotary_cos, pos), at_positions(rotary_sin, pos), rotary_interleaved)
-    idx = jnp.arange(b, dtype=jnp.int32) if batch_idx is None else batch_idx
-    k_cache = _append(k_cache, k, cache_seqlens, idx, page_table)
-    v_cache = _append(v_cache, v, cache_seqlens, idx, page_table)
+    k_cache = _append(k_cache, k, cache_seqlens, batch_idx, page_table)
+    v_cache = _append(v_cache, v, cache_seqlens, batch_idx, page_table)
   if rotary_cos is not None:
     windowed = cfg.window_left is not None or cfg.window_right is not None
     pos = cache_seqlens[:, None] + (jnp.arange(seqlen_q, dtype=jnp.int32) if windowed else 0)
@@ -235,3 +240,57 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
   if k is not None:
     result = (*result, k_cache, v_cache)
   return result[0] if len(result) == 1 else result
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """A KV cache and its lengths, one pytree: what a decoding loop carries from step to step (and donates under jit).
+
+  k, v: contiguous (batch, capacity, kv_heads, head_dim / head_dim_v), or paged (num_pages, page_size, kv_heads,
+    head_dim / head_dim_v) with page_table (batch, pages_per_sequence) int32; float16 | bfloat16.
+  lengths: (batch,) int32, the valid keys of each sequence.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  lengths: jax.Array
+  page_table: jax.Array | None = None
+
+  @classmethod
+  def create(cls, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype=jnp.bfloat16, *,
+             head_dim_v: int | None = None, page_size: int | None = None) -> "KVCache":
+    """An empty cache (lengths 0) for `capacity` keys per sequence. With page_size, the caches are pages and each
+    sequence owns ceil(capacity / page_size) of them, in order (a serving system would hand pages out itself)."""
+    batch, capacity, kv_heads, head_dim = (_validate.check_int(name, x, 1) for name, x in (
+        ("batch", batch), ("capacity", capacity), ("kv_heads", kv_heads), ("head_dim", head_dim)))
+    head_dim_v = head_dim if head_dim_v is None else _validate.check_int("head_dim_v", head_dim_v, 1)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    if page_size is None:
+      rows, table = (batch, capacity), None
+    else:
+      page_size = _validate.check_int("page_size", page_size, 1)
+      pages = -(-capacity // page_size)
+      rows, table = (batch * pages, page_size), jnp.arange(batch * pages, dtype=jnp.int32).reshape(batch, pages)
+    return cls(jnp.zeros((*rows, kv_heads, head_dim), dtype), jnp.zeros((*rows, kv_heads, head_dim_v), dtype),
+               lengths, table)
+
+  @property
+  def capacity(self) -> int:
+    """Keys each sequence can hold."""
+    return self.k.shape[1] if self.page_table is None else self.page_table.shape[1] * self.k.shape[1]
+
+  def attend(self, q, k, v, num_new=None, **kwargs):
+    """Appends k, v (batch, seqlen_new, kv_heads, head_dim / head_dim_v) at each sequence's length and attends q
+    (batch, seqlen_q, heads, head_dim) over the keys so far (flash_attn_with_kvcache; kwargs: its softmax_scale,
+    causal, window_size, softcap, num_splits, pack_gqa, ...). num_new: optional (batch,) int, the real rows of k /
+    v per sequence (prompts of different lengths, right-padded); default all seqlen_new. The rows past num_new are
+    written but not counted: the next append overwrites them, and with causal=True no real query sees them.
+
+    Returns (out (batch, seqlen_q, heads, head_dim_v), the cache with the rows appended).
+    """
+    out, k_cache, v_cache = flash_attn_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.lengths,
+                                                    page_table=self.page_table, **kwargs)
+    added = k.shape[1] if num_new is None else jnp.clip(_per_sequence("num_new", num_new, q.shape[0], 0, None), 0,
+                                                        k.shape[1])
+    return out, dataclasses.replace(self, k=k_cache, v=v_cache, lengths=self.lengths + added)

@@ -17,10 +17,11 @@ otherwise K/V stay replicated over those axes and every shard slices (or, for gr
 kv heads its query heads read, by `axis_index`; their gradients are summed over the head axes (a reduction that
 any layout needs, since several shards then read the same kv head).
 
-Variable-length calls (a SequenceLayout that is not uniform) shard over heads only: their sequences run along the
-token axes, so those, the batch and the cu_seqlens / seqused arrays stay replicated (docs/integration.md §4.8).
-Segmented layouts (segment ids) keep the batch axis, each row's segments within it: they shard over batch and heads,
-their segment ids sharded with the batch, and each shard packs its own rows (`_ops.attention_fwd`).
+Packed calls (cu_seqlens on a side) shard over heads only: their sequences run along the token axes, so those, the
+batch and the cu_seqlens / seqused arrays stay replicated (docs/integration.md §4.8). Layouts that keep sequence b
+in batch entry b on both sides (`SequenceLayout.batch_aligned`: seqused only, as jax.nn's lengths and KV caches
+give, or segment ids) shard over batch and heads, their arrays split with the batch; a segmented shard packs its own
+rows (`_ops.attention_fwd`). Only uniform calls shard the sequence.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class Layout:
 
   @property
   def sequences_spec(self):
-    """The sequence layout's arrays: split with the batch (a segmented layout's ids (batch, seqlen)), else
-    replicated (the batch never shards under cu_seqlens / seqused)."""
+    """The sequence layout's arrays: split with the batch where it shards (batch-aligned layouts: seqused (batch,),
+    segment ids (batch, seqlen)), else replicated (a packed layout never shards the batch)."""
     return P(_entry(self.batch)) if self.batch else P()
 
   @property
@@ -110,7 +111,7 @@ class Layout:
 def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout = SequenceLayout()) -> Layout:
   """Layout from q's partition spec: axes that do not divide their dimension are dropped (XLA then gathers that
   dimension), a sharded head_dim is gathered, and K/V heads follow q's heads when they divide evenly. Under a
-  sequence layout that is not uniform only the heads shard, and the batch too when it is segmented."""
+  sequence layout that is not uniform the sequence does not shard, and a packed one shards only the heads."""
   spec = tuple(q_spec) + (None,) * (len(q_shape) - len(tuple(q_spec)))
   sizes = {a: int(s) for a, s in dict(mesh_shape).items()}
   h, hk = q_shape[-2], k_shape[-2]
@@ -121,7 +122,7 @@ def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout = Seque
     return axes if all(d % n == 0 for d in dims) else ()
 
   uniform = sequences.uniform
-  batch = take(spec[0], q_shape[0]) if uniform or sequences.segmented else ()
+  batch = take(spec[0], q_shape[0]) if sequences.batch_aligned else ()
   seq = take(spec[1], q_shape[1], k_shape[1]) if uniform else ()
   heads = take(spec[-2], h)
   kv_heads = heads if hk % math.prod(sizes[a] for a in heads) == 0 else ()
@@ -213,12 +214,15 @@ def _explicit_layout(q, k, sequences: SequenceLayout):
   return None if layout.trivial else (mesh, layout)
 
 
-def _reshard(x, spec):
-  return x if jax.typeof(x).sharding.spec == spec else jax.sharding.reshard(x, spec)
+def _reshard(x, spec, mesh):
+  """x with the given spec on the mesh (P(None) and P() alike: a spec's missing trailing entries are None)."""
+  have = tuple(jax.typeof(x).sharding.spec)
+  pad = lambda s: tuple(s) + (None,) * (x.ndim - len(tuple(s)))
+  return x if pad(have) == pad(spec) else jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
 
-def _resharded_sequences(sequences: SequenceLayout, layout: Layout) -> SequenceLayout:
-  return jax.tree.map(lambda x: _reshard(x, layout.sequences_spec), sequences)
+def _resharded_sequences(sequences: SequenceLayout, layout: Layout, mesh) -> SequenceLayout:
+  return jax.tree.map(lambda x: _reshard(x, layout.sequences_spec, mesh), sequences)
 
 
 def _specs(layout: Layout, names) -> tuple:
@@ -232,20 +236,20 @@ _BWD_TENSORS = (*_ops.BWD.operands, *(n for n in _ops.BWD.optional if n in _ops.
 def _explicit_fwd(mesh, layout, q, k, v, sequences, cfg):
   body = functools.partial(local_fwd, cfg=cfg, layout=layout)
   specs = _specs(layout, _ops.FWD.operands)
-  args = [_reshard(x, s) for x, s in zip((q, k, v), specs)]
+  args = [_reshard(x, s, mesh) for x, s in zip((q, k, v), specs)]
   return jax.shard_map(body, mesh=mesh, in_specs=(*specs, layout.sequences_spec),
-                       out_specs=_specs(layout, _ops.FWD.outputs))(*args, _resharded_sequences(sequences, layout))
+                       out_specs=_specs(layout, _ops.FWD.outputs))(*args, _resharded_sequences(sequences, layout, mesh))
 
 
 def _explicit_bwd(mesh, layout, dout, q, k, v, out, lse, dlse, sequences, cfg):
   originals = [jax.typeof(x).sharding.spec for x in (q, k, v)]
   specs = _specs(layout, _BWD_TENSORS)
-  args = [None if x is None else _reshard(x, s) for x, s in zip((dout, q, k, v, out, lse, dlse), specs)]
+  args = [None if x is None else _reshard(x, s, mesh) for x, s in zip((dout, q, k, v, out, lse, dlse), specs)]
   body = functools.partial(local_bwd, cfg=cfg, layout=layout)
   grads = jax.shard_map(body, mesh=mesh, in_specs=(*specs, layout.sequences_spec),
-                        out_specs=_specs(layout, _ops.BWD.outputs))(*args, _resharded_sequences(sequences, layout))
+                        out_specs=_specs(layout, _ops.BWD.outputs))(*args, _resharded_sequences(sequences, layout, mesh))
   # Cotangents must carry their primals' types (shardings included).
-  return tuple(_reshard(g, s) for g, s in zip(grads, originals))
+  return tuple(_reshard(g, s, mesh) for g, s in zip(grads, originals))
 
 
 # ---- Auto mesh axes: custom_partitioning with a Shardy rule ------------------------------------------------
@@ -278,7 +282,7 @@ class _Factors:
   """Shardy rule fragments of one call: q-like tensors ("b s H dim", packed "s H dim"), k-like ones, lse, the
   sequence-layout operands (cu_seqlens: batch + 1 entries, factor c; seqused: the batch factor b; segment ids: "b s"
   and "b t", q's and k's rows), and the factors that need replication: the head dims, and under a non-uniform
-  sequence layout all but the heads (and the batch, when segmented)."""
+  sequence layout the token axes too, and under a packed one all but the heads."""
   hq: str
   hkv: str
   packed_q: bool
@@ -318,7 +322,7 @@ def _factors(mesh, q_type, k_type, sequences: SequenceLayout) -> _Factors:
            "segment_ids_k": "b t"}
   operands = tuple(kinds[field.name] for field in dataclasses.fields(sequences)
                    if not field.metadata.get("static") and getattr(sequences, field.name) is not None)
-  replicated = "de" if sequences.uniform else "dest" if sequences.segmented else "debstc"
+  replicated = "de" if sequences.uniform else "dest" if sequences.batch_aligned else "debstc"
   return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands, frozenset(replicated), sizes)
 
 

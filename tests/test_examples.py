@@ -69,3 +69,26 @@ def test_multi_gpu_on_8_fake_cpu_devices_passes(tmp_path):
   assert rc == 0, output
   assert "8 x cpu" in output, output
   assert _verdicts(output) == ["PASS"] * 6, output  # the sharded step, ring out/dq/dk/dv, overall
+
+
+TINY_GENERATE = ("--batch", "3", "--max-prompt", "9", "--steps", "4", "--dim", "32", "--heads", "4", "--kv-heads",
+                 "2", "--depth", "1", "--vocab", "64")
+
+
+def test_generate_compare_passes_the_recompute_check_and_plots(tmp_path):
+  pytest.importorskip("matplotlib")
+  rc, output = _run(tmp_path, "generate.py", "--compare", "--page-size", "4", *TINY_GENERATE)
+  assert rc == 0, output
+  assert _verdicts(output) == ["PASS", "PASS"], output  # fa3_jax and jax.nn, each against its full recompute
+  assert re.search(r"^\[fa3_jax\] 3 prompts of .* cache paged \(4\) of 13 keys$", output, flags=re.MULTILINE), output
+  assert re.search(r"^\[jax\.nn\] [\d,]+ tokens/s \(\S+ ms per step\), attention \d+% of a step", output,
+                   flags=re.MULTILINE), output
+  assert (tmp_path / "generate_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_prints_fail_and_exits_nonzero_beyond_the_tolerance(tmp_path):
+  rc, output = _run(tmp_path, "generate.py", "--page-size", "0", "--tolerance", "-1", "--plot", "", *TINY_GENERATE)
+  assert rc == 1, output
+  assert re.search(r"^FAIL \[fa3_jax\]: decode logits vs a full recompute: max \|difference\| \S+ > tolerance -1$",
+                   output, flags=re.MULTILINE), output
+  assert "cache contiguous of 13 keys" in output and not list(tmp_path.iterdir()), output

@@ -1,10 +1,15 @@
 """flash_attn_with_kvcache on the reference path against a NumPy oracle that writes the cache, rotates and attends
 sequence by sequence."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import fa3_jax
 
@@ -192,3 +197,45 @@ def test_kvcache_under_jit_and_vmap_equals_eager():
     want = f(q[i], kc[i], kn[i], lens[i])
     for g, w in zip(got, want):
       np.testing.assert_array_equal(np.asarray(g[i], np.float32), np.asarray(w, np.float32))
+
+
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
+
+
+@pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_kvcache_sharding_has_no_collectives_and_matches_unsharded(paged, mode):
+  # A decode step (append one token, attend) with the heads over tp = 4, and for a contiguous cache the batch over
+  # dp = 2. (Pages are shared by all sequences: a batch-sharded step would send its new rows to every replica of
+  # the pages, so a paged cache shards with the heads.) No device talks to another.
+  mesh = jax.make_mesh((2, 4), ("dp", "tp"), axis_types=(mode,) * 2)
+  rng = np.random.default_rng(11)
+  b, cap, h, hk, d = 4, 64, 8, 4, 16
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  q, knew, vnew = normal(b, 1, h, d), normal(b, 1, hk, d), normal(b, 1, hk, d)
+  lens = jnp.asarray([0, 17, 40, 63], jnp.int32)
+  if paged:
+    page = 16
+    kc, vc = normal(b * cap // page, page, hk, d), normal(b * cap // page, page, hk, d)
+    table = jnp.asarray(rng.permutation(b * cap // page).reshape(b, cap // page), jnp.int32)
+    batch, cache_spec, table_arg = None, P(None, None, "tp"), dict(page_table=table)
+  else:
+    kc, vc = normal(b, cap, hk, d), normal(b, cap, hk, d)
+    batch, cache_spec, table_arg = "dp", P("dp", None, "tp"), {}
+
+  def step(q, kc, vc, knew, vnew, lens):
+    return fa3_jax.flash_attn_with_kvcache(q, kc, vc, knew, vnew, cache_seqlens=lens, causal=True, **table_arg)
+
+  want = jax.jit(step)(q, kc, vc, knew, vnew, lens)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  rows = P(batch, None, "tp")
+  args = (put(q, rows), put(kc, cache_spec), put(vc, cache_spec), put(knew, rows), put(vnew, rows),
+          put(lens, P(batch)))
+  f = jax.jit(step)
+  hlo = f.lower(*args).compile().as_text()
+  found = {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES}
+  assert sum(found.values()) == 0, found
+  got = f(*args)
+  assert got[0].sharding.spec[0] == batch and got[0].sharding.spec[2] == "tp"
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))

@@ -14,6 +14,7 @@ import numpy as np
 from fa3_jax import _validate
 from fa3_jax import jax_nn
 from fa3_jax import rotary
+from fa3_jax.kvcache import KVCache
 
 # Logical axis names used by the modules' parameter and activation annotations.
 BATCH, LENGTH, EMBED, HEADS, KV = "batch", "length", "embed", "heads", "kv"
@@ -374,3 +375,54 @@ def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=No
     masking = masking_from_flax_mask(mask, masking, opts.dense_mask_fallback)
   out, _ = jax_nn.attend(q, k, v, masking, scale=opts.softmax_scale, softcap=opts.softcap)
   return out
+
+
+def check_cache_call(kv_cache, inputs_q, inputs_k, inputs_v, **others) -> KVCache:
+  """A module call with kv_cache: self-attention of inputs_q, none of the arguments in `others` (name -> value)
+  given, and a KVCache."""
+  if not isinstance(kv_cache, KVCache):
+    raise TypeError(f"kv_cache must be a fa3_jax.KVCache (fa3_jax.KVCache.create(...)), got "
+                    f"{type(kv_cache).__name__}")
+  if (inputs_k is not None and inputs_k is not inputs_q) or (inputs_v is not None and inputs_v is not inputs_q):
+    raise ValueError("kv_cache decodes self-attention: pass inputs_q only (its keys and values join the cache)")
+  given = [name for name, x in others.items() if x is not None]
+  if given:
+    raise ValueError(f"kv_cache cannot be combined with {', '.join(given)}: the cache's lengths place the new "
+                     "tokens (rotary positions, visibility); pass query_seq_lengths for right-padded prompts")
+  return kv_cache
+
+
+def module_cached_attention(opts: AttentionOptions, q, k, v, cache: KVCache, query_seq_lengths=None):
+  """The modules' decode step: q (B, T, N, H), k / v (B, T, K, H) of T new tokens per sequence join the cache at its
+  lengths and attend everything so far. The new tokens sit at positions lengths + r: rotary turns them there, and
+  the module's top-left causal / window bands become the kernel's bottom-right ones (the last query at the last
+  key), which is the same rule at these positions. query_seq_lengths (B,): the real tokens of right-padded rows,
+  whose padded rows come out 0; it needs a causal module (else real queries would see padded keys).
+
+  The computation runs in the cache's dtype. Returns (out (B, T, N, H), the updated cache).
+  """
+  b, t = q.shape[:2]
+  if cache.lengths.shape != (b,):
+    raise ValueError(f"kv_cache must hold the batch of inputs_q ({b} sequences), got lengths of shape "
+                     f"{tuple(cache.lengths.shape)}")
+  want = (k.shape[2], k.shape[3], v.shape[3])
+  have = (cache.k.shape[2], cache.k.shape[3], cache.v.shape[3])
+  if have != want:
+    raise ValueError(f"kv_cache must have this module's (num_kv_heads, head_dim, head_dim_v) = {want}, got {have}")
+  masking = opts.masking()
+  if query_seq_lengths is not None:
+    if masking.right != 0:
+      raise NotImplementedError("query_seq_lengths with kv_cache (right-padded prompts) needs a causal module "
+                                "(causal=True or a window with right = 0): otherwise real queries would see the "
+                                "padded keys")
+    query_seq_lengths = check_lengths("query_seq_lengths", query_seq_lengths, b).astype(jnp.int32)
+  q, k, v = (x.astype(cache.k.dtype) for x in (q, k, v))
+  if opts.rope_theta is not None:
+    positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
+    q, k = (apply_rotary(x, positions, opts.rope_theta) for x in (q, k))
+  window = (-1 if masking.left is None else masking.left, -1 if masking.right is None else masking.right)
+  out, cache = cache.attend(q, k, v, num_new=query_seq_lengths, softmax_scale=opts.softmax_scale,
+                            window_size=window, softcap=opts.softcap)
+  if query_seq_lengths is not None:
+    out = jnp.where(jnp.arange(t)[None, :, None, None] < query_seq_lengths[:, None, None, None], out, 0)
+  return out, cache

@@ -34,7 +34,9 @@ class MultiHeadAttention(nn.Module):
   Bad attributes raise TypeError / ValueError on construction, naming the attribute (head_dim's rules, when
   qkv_features is left to the inputs, at the first call).
 
-  The kv-cache decoding path will use a "cache" collection and `decode=True`, with the same call signature.
+  Decoding: pass kv_cache=fa3_jax.KVCache.create(...) to `__call__`, which then returns (out, next cache); the
+  cache is an ordinary argument and result (no mutable collection), so a decoding loop carries and donates it
+  (docs/integration.md §7).
   """
 
   num_heads: int
@@ -67,7 +69,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
-               query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None):
+               query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None,
+               kv_cache=None):
     """inputs_q (batch, q_len, features); inputs_k/inputs_v (batch, kv_len, features_kv), default inputs_q.
 
     mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend. positions / kv_positions: rotary
@@ -76,9 +79,15 @@ class MultiHeadAttention(nn.Module):
     packed into rows, see flash_attn_func's q_segment_ids): tokens attend only within their document, negative ids
     mark padding (output 0), causal / local_window_size apply per document; pass positions that restart at 0 with
     each document for rotary. Not combined with mask or the seq lengths. max_segments: static bound on the
-    documents per row (default len; setting it is the fast path). Returns (batch, q_len, out_features).
-    Bad shapes or types raise ValueError / TypeError naming the argument.
+    documents per row (default len; setting it is the fast path). kv_cache: optional fa3_jax.KVCache, the decode
+    path (see the nnx module: the new tokens join the cache and attend all of it; query_seq_lengths may give the
+    real tokens of right-padded rows). Returns (batch, q_len, out_features); with kv_cache, (that, the updated
+    cache). Bad shapes or types raise ValueError / TypeError naming the argument.
     """
+    if kv_cache is not None:
+      _common.check_cache_call(kv_cache, inputs_q, inputs_k, inputs_v, mask=mask, positions=positions,
+                               kv_positions=kv_positions, key_value_seq_lengths=key_value_seq_lengths,
+                               segment_ids=segment_ids, max_segments=max_segments)
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
     _common.check_module_inputs(inputs_q, inputs_k, inputs_v)
@@ -95,13 +104,18 @@ class MultiHeadAttention(nn.Module):
       q, k, v = (x.astype(self.dtype) for x in (q, k, v))
     axes = (_common.BATCH, _common.LENGTH, _common.HEADS, _common.KV)
     q, k, v = (nn.with_logical_constraint(x, axes) for x in (q, k, v))
-    out = _common.module_attention(options, q, k, v, mask=mask, positions=positions, kv_positions=kv_positions,
-                                   query_seq_lengths=query_seq_lengths,
-                                   key_value_seq_lengths=key_value_seq_lengths,
-                                   segment_ids=segment_ids, max_segments=max_segments)
+    if kv_cache is not None:
+      out, kv_cache = _common.module_cached_attention(options, q, k, v, kv_cache, query_seq_lengths)
+      out = out.astype(q.dtype)
+    else:
+      out = _common.module_attention(options, q, k, v, mask=mask, positions=positions, kv_positions=kv_positions,
+                                     query_seq_lengths=query_seq_lengths,
+                                     key_value_seq_lengths=key_value_seq_lengths,
+                                     segment_ids=segment_ids, max_segments=max_segments)
     out = nn.with_logical_constraint(out, axes)
-    return nn.DenseGeneral(
+    out = nn.DenseGeneral(
         features=inputs_q.shape[-1] if self.out_features is None else self.out_features, axis=(-2, -1),
         dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias,
         kernel_init=nn.with_logical_partitioning(self.kernel_init, (_common.HEADS, _common.KV, _common.EMBED)),
         bias_init=nn.with_logical_partitioning(self.bias_init, (_common.EMBED,)), name="out")(out)
+    return out if kv_cache is None else (out, kv_cache)

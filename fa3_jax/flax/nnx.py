@@ -44,8 +44,9 @@ class MultiHeadAttention(nnx.Module):
     dense_mask_fallback: see make_attention_fn.
   Bad arguments raise TypeError / ValueError here (in __call__ for call arguments), naming the argument.
 
-  The kv-cache decoding path will be added as state (nnx.Cache) plus `decode=True` in `__call__`; callers that
-  pass `positions` already have what rotary decoding needs.
+  Decoding: pass kv_cache=fa3_jax.KVCache.create(...) to `__call__`; it returns (out, next cache), which the
+  caller carries to the next step (under jit, donate it: the append is then in place). Prefill and decode steps are
+  the same call (docs/integration.md §7).
   """
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
@@ -80,7 +81,8 @@ class MultiHeadAttention(nnx.Module):
         bias_init=_annotated(bias_init, (_common.EMBED,)), rngs=rngs)
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
-               query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None):
+               query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None,
+               kv_cache=None):
     """inputs_q (batch, q_len, in_features); inputs_k/inputs_v (batch, kv_len, in_kv_features), default inputs_q.
 
     mask: optional (batch|1, heads|1, q_len, kv_len), nonzero = attend (see make_attention_fn for which masks run
@@ -92,14 +94,25 @@ class MultiHeadAttention(nnx.Module):
       document, negative ids mark padding (output 0), causal / local_window_size apply per document; pass
       positions that restart at 0 with each document for rotary. Not combined with mask or the seq lengths.
       max_segments: static bound on the documents per row (default len; setting it is the fast path).
-    Returns (batch, q_len, out_features).
+    kv_cache: optional fa3_jax.KVCache of batch sequences (this module's num_kv_heads and head_dim): self-attention
+      of the q_len new tokens, which join the cache at its lengths (rotary positions lengths + r; the causal /
+      window bands at those positions) and attend all its keys; query_seq_lengths may give the real tokens of
+      right-padded rows (causal modules). Not combined with inputs_k, mask, positions or the other arguments.
+    Returns (batch, q_len, out_features); with kv_cache, (that, the updated cache).
     """
+    if kv_cache is not None:
+      _common.check_cache_call(kv_cache, inputs_q, inputs_k, inputs_v, mask=mask, positions=positions,
+                               kv_positions=kv_positions, key_value_seq_lengths=key_value_seq_lengths,
+                               segment_ids=segment_ids, max_segments=max_segments)
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
     _common.check_module_inputs(inputs_q, inputs_k, inputs_v, features=(self.in_features, self.in_kv_features))
     q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
     if self.dtype is not None:
       q, k, v = (x.astype(self.dtype) for x in (q, k, v))
+    if kv_cache is not None:
+      out, kv_cache = _common.module_cached_attention(self.options, q, k, v, kv_cache, query_seq_lengths)
+      return self.out(out.astype(q.dtype)), kv_cache
     out = _common.module_attention(self.options, q, k, v, mask=mask, positions=positions,
                                    kv_positions=kv_positions, query_seq_lengths=query_seq_lengths,
                                    key_value_seq_lengths=key_value_seq_lengths,

@@ -76,6 +76,9 @@ def test_segment_ids_run_the_varlen_kernels_on_the_same_documents(case):
   # on the documents packed by hand (whose kernels test_varlen_gpu.py checks against the reference): the same
   # per-document arithmetic, so with deterministic=True every real row is equal bit for bit, and padding gets 0.
   dtype, d, h, hk, b, s, mean, options = KERNEL_CASES[case]
+  if not all(fa3_jax.kernel_available(dtype, d, direction=way) for way in ("fwd", "bwd")):
+    # The reference path computes the two layouts differently (dense masking vs per document): no bitwise match.
+    pytest.skip(f"{dtype} head dim {d} kernels not in this build (FA3_JAX_HEAD_DIMS / FA3_JAX_DTYPES)")
   rng = np.random.default_rng(7)
   ids = documents(rng, b, s, mean, 0.15)
   q, k, v, dout = (jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
