@@ -11,7 +11,10 @@ implementation's output is compared with ours (max |difference|).
   python benchmarks/bench_decode.py --out benchmarks/results/decode_h200
 
 writes results.json and results.md into --out. `--quick` runs tiny caches (a CPU smoke test: there fa3_jax runs its
-reference path and the GPU-only peers are reported as skipped).
+reference path and the GPU-only peers are reported as skipped). `--prefill` runs issue 21's short prefill against a
+long cache instead: 128..2048 causal queries at the end of a full cache of 32768 keys, where flash_attn_with_kvcache
+must be no slower than the dense forward (flash_attn_func on the same q, k, v: the same attention, bottom-right
+causal); FA3's kvcache kernel runs it too (jax.nn's causal is top-left, another attention, so cuDNN sits this out).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 PEAK_TBPS = 4.8
 CELLS = ((1, 131072), (8, 32768), (32, 8192), (64, 16384), (128, 2048))
 QUICK_CELLS = ((1, 512), (2, 256))
+PREFILL_CELLS = ((1, 32768, 128), (1, 32768, 512), (1, 32768, 2048), (4, 32768, 512))  # batch, cache, seqlen_q
+QUICK_PREFILL_CELLS = ((1, 256, 16),)
 PAGE_SIZE = 256
 FA3_SPLITS = (1, 4, 8, 16, 32)
 
@@ -47,19 +52,29 @@ def paged(cache, page_size: int):
   return pages, jnp.asarray(order.reshape(b, per_seq), jnp.int32)
 
 
-def implementations(on_gpu: bool):
-  """name -> (builder(q, k_cache, v_cache, lens) -> (fn, args) list to try; the fastest counts)."""
+def implementations(on_gpu: bool, prefill: bool):
+  """name -> (builder(q, k_cache, v_cache, lens) -> (fn, args) list to try; the fastest counts). Prefill calls are
+  causal (bottom-right: the queries are the cache's last rows)."""
+  causal = prefill
+
   def ours(splits, page=None):
     def build(q, kc, vc, lens):
       if page is None:
-        return [(lambda q, kc, vc, lens: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
-                                                                          num_splits=splits), (q, kc, vc, lens))]
+        return [(lambda q, kc, vc, lens: fa3_jax.flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, num_splits=splits, causal=causal), (q, kc, vc, lens))]
       (kp, table), (vp, _) = paged(kc, page), paged(vc, page)
       return [(lambda q, kp, vp, lens, table: fa3_jax.flash_attn_with_kvcache(
-          q, kp, vp, cache_seqlens=lens, page_table=table, num_splits=splits), (q, kp, vp, lens, table))]
+          q, kp, vp, cache_seqlens=lens, page_table=table, num_splits=splits, causal=causal),
+               (q, kp, vp, lens, table))]
     return build
 
-  found = {"fa3_jax": ours(0), "fa3_jax_unsplit": ours(1), f"fa3_jax_paged{PAGE_SIZE}": ours(0, PAGE_SIZE)}
+  def dense(q, kc, vc, lens):  # full caches: the same attention as the kvcache call
+    return [(lambda q, kc, vc: fa3_jax.flash_attn_func(q, kc, vc, causal=True), (q, kc, vc))]
+
+  if prefill:
+    found = {"fa3_jax": ours(0), "fa3_jax_dense_fwd": dense}
+  else:
+    found = {"fa3_jax": ours(0), "fa3_jax_unsplit": ours(1), f"fa3_jax_paged{PAGE_SIZE}": ours(0, PAGE_SIZE)}
   if not on_gpu:
     return found
   try:
@@ -71,17 +86,21 @@ def implementations(on_gpu: bool):
         for s in FA3_SPLITS:
           if page is None:
             tries.append((lambda q, kc, vc, lens, s=s: flash_attn3_jax.flash_mha_with_kvcache(
-                q, kc, vc, cache_seqlens=lens, num_splits=s), (q, kc, vc, lens)))
+                q, kc, vc, cache_seqlens=lens, num_splits=s, is_causal=causal), (q, kc, vc, lens)))
           else:
             (kp, table), (vp, _) = paged(kc, page), paged(vc, page)
             tries.append((lambda q, kp, vp, lens, table, s=s: flash_attn3_jax.flash_mha_with_kvcache(
-                q, kp, vp, cache_seqlens=lens, page_table=table, num_splits=s), (q, kp, vp, lens, table)))
+                q, kp, vp, cache_seqlens=lens, page_table=table, num_splits=s, is_causal=causal),
+                          (q, kp, vp, lens, table)))
         return tries
       return build
     found["flash_attn3_jax"] = fa3()
-    found[f"flash_attn3_jax_paged{PAGE_SIZE}"] = fa3(PAGE_SIZE)
+    if not prefill:
+      found[f"flash_attn3_jax_paged{PAGE_SIZE}"] = fa3(PAGE_SIZE)
   except ImportError:
     pass
+  if prefill:
+    return found
 
   def cudnn(q, kc, vc, lens):
     return [(lambda q, kc, vc, lens: jax.nn.dot_product_attention(
@@ -90,21 +109,24 @@ def implementations(on_gpu: bool):
   return found
 
 
-def run(cells, calls: int, repeats: int) -> list[dict]:
+def run(cells, calls: int, repeats: int, prefill: bool = False) -> list[dict]:
+  """cells: (batch, cache) pairs, or with prefill (batch, cache, seqlen_q) triples."""
   on_gpu = jax.default_backend() == "gpu"
-  impls = implementations(on_gpu)
+  impls = implementations(on_gpu, prefill)
   rows = []
-  for batch, capacity in cells:
+  for batch, capacity, *rest in cells:
+    seqlen_q = rest[0] if rest else 1
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
-    q = normal(batch, 1, HEADS, HEAD_DIM)
+    q = normal(batch, seqlen_q, HEADS, HEAD_DIM)
     kc, vc = normal(batch, capacity, KV_HEADS, HEAD_DIM), normal(batch, capacity, KV_HEADS, HEAD_DIM)
     lens = jnp.full((batch,), capacity, jnp.int32)
     nbytes = 2 * kc.size * kc.dtype.itemsize
     floor_us = nbytes / (PEAK_TBPS * 1e12) * 1e6
     want = None
     for name, build in impls.items():
-      row = dict(implementation=name, batch=batch, cache=capacity, kv_bytes=nbytes, floor_us=floor_us)
+      row = dict(implementation=name, batch=batch, cache=capacity, seqlen_q=seqlen_q, kv_bytes=nbytes,
+                 floor_us=floor_us)
       try:
         best = None
         for fn, args in build(q, kc, vc, lens):
@@ -120,7 +142,7 @@ def run(cells, calls: int, repeats: int) -> list[dict]:
       except Exception as e:  # a peer that cannot run a cell is reported, not fatal
         row["error"] = benchmark.error_summary(e)
       rows.append(row)
-      print(f"{batch:4d} x {capacity:6d} {name:24s} " + (
+      print(f"{batch:4d} x {capacity:6d} q {seqlen_q:4d} {name:24s} " + (
           f"{row['us']:8.1f} us  {row['tbps']:5.2f} TB/s  floor {floor_us:7.1f} us  "
           f"max|diff| {row['max_diff_vs_fa3_jax']:.3g}" if "us" in row else row["error"]), flush=True)
   return rows
@@ -128,14 +150,14 @@ def run(cells, calls: int, repeats: int) -> list[dict]:
 
 def markdown(rows) -> str:
   names = list(dict.fromkeys(r["implementation"] for r in rows))
-  cells = list(dict.fromkeys((r["batch"], r["cache"]) for r in rows))
-  lines = ["| batch x cache length | KV bytes | floor (us) | " + " | ".join(names) + " |",
-           "| --- " * (3 + len(names)) + "|"]
-  for b, s in cells:
-    cell = {r["implementation"]: r for r in rows if (r["batch"], r["cache"]) == (b, s)}
+  cells = list(dict.fromkeys((r["batch"], r["cache"], r["seqlen_q"]) for r in rows))
+  lines = ["| batch x cache length | queries | KV bytes | floor (us) | " + " | ".join(names) + " |",
+           "| --- " * (4 + len(names)) + "|"]
+  for b, s, sq in cells:
+    cell = {r["implementation"]: r for r in rows if (r["batch"], r["cache"], r["seqlen_q"]) == (b, s, sq)}
     first = next(iter(cell.values()))
     entry = lambda r: f"{r['us']:.0f} ({r['tbps']:.2f} TB/s)" if "us" in r else "error"
-    lines.append(f"| {b} x {s} | {first['kv_bytes'] / 1e9:.2f} GB | {first['floor_us']:.0f} | "
+    lines.append(f"| {b} x {s} | {sq} | {first['kv_bytes'] / 1e9:.2f} GB | {first['floor_us']:.0f} | "
                  + " | ".join(entry(cell[n]) if n in cell else "-" for n in names) + " |")
   return "\n".join(lines)
 
@@ -144,10 +166,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench_decode_out"))
   parser.add_argument("--quick", action="store_true", help="tiny caches (CPU smoke test)")
+  parser.add_argument("--prefill", action="store_true", help="short causal prefill against a long full cache")
   parser.add_argument("--calls", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv)
-  rows = run(QUICK_CELLS if args.quick else CELLS, args.calls, args.repeats)
+  cells = (QUICK_PREFILL_CELLS if args.quick else PREFILL_CELLS) if args.prefill else (
+      QUICK_CELLS if args.quick else CELLS)
+  rows = run(cells, args.calls, args.repeats, args.prefill)
   args.out.mkdir(parents=True, exist_ok=True)
   device = jax.devices()[0].device_kind
   meta = dict(date=datetime.date.today().isoformat(), device=device, jax=jax.__version__, heads=HEADS,
@@ -155,8 +180,9 @@ def main(argv=None):
   (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
   table = markdown(rows)
   (args.out / "results.md").write_text(
-      f"Decode, {device}, jax {jax.__version__}, {meta['date']}: GQA {HEADS}/{KV_HEADS} heads, d={HEAD_DIM}, bf16, "
-      f"one query token, full caches; microseconds (cache bytes / time); floor = bytes at {PEAK_TBPS} TB/s; "
+      f"{'Prefill against a cache' if args.prefill else 'Decode'}, {device}, jax {jax.__version__}, "
+      f"{meta['date']}: GQA {HEADS}/{KV_HEADS} heads, d={HEAD_DIM}, bf16, "
+      f"{'causal queries at the end of' if args.prefill else 'one query token,'} full caches; microseconds (cache bytes / time); floor = bytes at {PEAK_TBPS} TB/s; "
       f"flash_attn3_jax: best of num_splits {FA3_SPLITS}\n\n{table}\n")
   print(table)
   return 0

@@ -43,6 +43,15 @@ CASES = {
     "d64 16 splits mqa": ("bfloat16", 64, 8, 1, 4, 0, None, dict(splits=16)),
     "long 65537 chosen splits": ("bfloat16", 128, 32, 8, 1, 1, None, dict(causal=True, seqlens=(65536, 4096),
                                                                        capacity=65537)),
+    "paged 64 append 5 rotary": ("bfloat16", 128, 8, 2, 5, 5, 64, dict(causal=True, rotary=True,
+                                                                      seqlens=(0, 1, 255, 4097, 17),
+                                                                      capacity=4160)),
+    "paged 64 4 queries append 1 gqa d64": ("bfloat16", 64, 8, 2, 4, 1, 64, dict(causal=True, splits=3)),
+    "d256 mha local softcap append 5": ("bfloat16", 256, 4, 4, 5, 5, None,
+                                        dict(window_size=(100, 0), softcap=10.0, seqlens=(255, 4097, 1),
+                                             capacity=4160)),
+    "d64 mqa paged 16 local": ("bfloat16", 64, 8, 1, 1, 1, 16, dict(window_size=(64, 0), splits=16)),
+    "fp16 d128 gqa append 1": ("float16", 128, 8, 2, 1, 1, None, dict(causal=True)),
 }
 
 
@@ -130,3 +139,14 @@ def test_donated_decode_step_updates_the_cache_in_place_and_runs_the_kernel():
   assert (got[2].unsafe_buffer_pointer(), got[3].unsafe_buffer_pointer()) == pointers
   for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), got, want):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=name)
+  # Element by element: each new row at its page and row, every other row bitwise as before.
+  (_, k_before, v_before, k_new, v_new), _ = make_call(case, seed=1)
+  table, lens = kwargs["page_table"], np.asarray(kwargs["cache_seqlens"])
+  page = k_before.shape[1]
+  for name, before, new, after in (("k_cache", k_before, k_new, got[2]), ("v_cache", v_before, v_new, got[3])):
+    expected = before.copy()
+    for b in range(new.shape[0]):
+      for r in range(new.shape[1]):
+        pos = lens[b] + r
+        expected[int(table[b, pos // page]), pos % page] = new[b, r]
+    np.testing.assert_array_equal(np.asarray(after).view(np.uint16), expected.view(np.uint16), err_msg=name)
