@@ -12,6 +12,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from fa3_jax import _ops
 from fa3_jax import _segments
+from fa3_jax import fp8
 from fa3_jax import _validate
 from fa3_jax import _vma
 from fa3_jax import sharding
@@ -92,8 +93,8 @@ def segment_attention(cfg: AttentionConfig, q, k, v, q_ids, kv_ids, max_segments
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     deterministic=False, return_lse=False, q_segment_ids=None, kv_segment_ids=None,
-                    max_segments=None):
-  """Exact attention, FlashAttention-3 interface, differentiable in q, k, v.
+                    max_segments=None, q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
+  """Exact attention, FlashAttention-3 interface, differentiable in q, k, v (float16 / bfloat16).
 
   Args:
     q: (batch, seqlen_q, heads, head_dim) float16 | bfloat16 array (jax or NumPy).
@@ -128,6 +129,12 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
       max(seqlen_q, seqlen_k), always enough but it makes the kernel grids (and the reference's padded batch)
       batch * seqlen sequences large: setting it to the real bound is the fast path. A row with more segments gives
       NaN in all its rows of out and lse (ValueError at trace time when the ids are known then).
+    q_descale, k_descale, v_descale, out_dtype: the FP8 path (fa3_jax.fp8, docs/integration.md §4.10). With q, k, v
+      all float8_e4m3fn, their real values are x * descale, each descale float32 (batch, kv_heads) or per block of
+      fa3_jax.fp8.BLOCK_SIZE tokens (batch, ceil(seqlen / BLOCK_SIZE), kv_heads) (None: 1; q's too is per kv head,
+      shared by its query heads), and out (and the computation) is out_dtype, bfloat16 by default or float16.
+      Forward only. fa3_jax.fp8.quantize / fa3_jax.fp8.attention make these inputs. Until the FP8 kernels land,
+      the real values run the bfloat16 / float16 kernels.
 
   Returns:
     out (batch, seqlen_q, heads, head_dim_v) in the input dtype; with return_lse=True, (out, lse) with lse
@@ -143,6 +150,11 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
   Raises TypeError / ValueError at trace time for bad arguments, naming them, and NotImplementedError for
   unsupported head dim pairs and for second-order derivatives (grad of grad, jvp of grad).
   """
+  if fp8.is_fp8(q) or fp8.is_fp8(k) or fp8.is_fp8(v):
+    q, k, v = fp8.real_inputs(q, k, v, q_descale, k_descale, v_descale, out_dtype)
+  elif any(x is not None for x in (q_descale, k_descale, v_descale, out_dtype)):
+    raise ValueError("q_descale, k_descale, v_descale and out_dtype belong to the FP8 path: pass float8_e4m3fn q, "
+                     "k and v (fa3_jax.fp8.quantize), or leave them None")
   _validate.check_qkv(q, k, v)
   cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
   return_lse = _validate.check_bool("return_lse", return_lse)
