@@ -24,7 +24,9 @@ BLOCK_SIZE = 128
 
 
 def is_fp8(x) -> bool:
-  return jnp.dtype(x.dtype) == FP8_DTYPE
+  """Whether x is an FP8 array (anything without a dtype is not; the callers' checks name it)."""
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.dtype(dtype) == FP8_DTYPE
 
 
 def hadamard_block(head_dim: int) -> int:

@@ -122,6 +122,9 @@ def test_fp8_path_is_forward_only_and_checks_arguments():
     fa3_jax.flash_attn_func(q8, k8, k8, out_dtype=jnp.float32)
   with pytest.raises(ValueError, match="heads of q must be a multiple of kv_heads"):
     fa3_jax.flash_attn_func(k8, q8, q8)
+  with pytest.raises(TypeError, match="q must be float16 or bfloat16, got float8_e4m3fn"):  # no FP8 varlen yet
+    cu = jnp.asarray([0, 16], jnp.int32)
+    fa3_jax.flash_attn_varlen_func(q8[0], k8[0], k8[0], cu, cu, 16, 16)
   with pytest.raises(NotImplementedError, match="block_size must be fa3_jax.fp8.BLOCK_SIZE = 128"):
     fp8.quantize(q, block_size=64)
   with pytest.raises(ValueError, match="hadamard=True needs key"):
