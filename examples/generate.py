@@ -117,9 +117,9 @@ def generate(model, prompts, lengths, caches, steps):
   """Greedy decoding. Returns (tokens (batch, steps), the logits of each step (batch, steps, vocab), seconds per
   decode step (the first, which compiles, excluded), the final caches)."""
   graph, state = nnx.split(model)
-  run = lambda state, tokens, caches, lengths: nnx.merge(graph, state)(tokens, caches, lengths)
-  prefill = jax.jit(run, donate_argnums=(2,))
-  step = jax.jit(lambda state, tokens, caches: run(state, tokens, caches, None), donate_argnums=(2,))
+  forward = lambda state, tokens, caches, lengths: nnx.merge(graph, state)(tokens, caches, lengths)
+  prefill = jax.jit(forward, donate_argnums=(2,))
+  step = jax.jit(lambda state, tokens, caches: forward(state, tokens, caches, None), donate_argnums=(2,))
   logits, caches = prefill(state, prompts, caches, lengths)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # at each prompt's last token
   tokens, all_logits, seconds = [], [], []

@@ -291,6 +291,7 @@ class KVCache:
     """
     out, k_cache, v_cache = flash_attn_with_kvcache(q, self.k, self.v, k, v, cache_seqlens=self.lengths,
                                                     page_table=self.page_table, **kwargs)
-    added = k.shape[1] if num_new is None else jnp.clip(_per_sequence("num_new", num_new, q.shape[0], 0, None), 0,
-                                                        k.shape[1])
+    # Known values are checked to lie in [0, seqlen_new]; traced ones are clipped there.
+    added = k.shape[1] if num_new is None else jnp.clip(
+        _per_sequence("num_new", num_new, q.shape[0], 0, k.shape[1]), 0, k.shape[1])
     return out, dataclasses.replace(self, k=k_cache, v=v_cache, lengths=self.lengths + added)

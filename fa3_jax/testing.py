@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,15 @@ def same_precision_attention(q, k, v, cfg: AttentionConfig, sequences: SequenceL
   p = jax.nn.softmax(s, axis=-1)
   p = jnp.where(attend.any(axis=-1, keepdims=True), p, 0.0).astype(dtype)
   return pq.unpad(jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(dtype), 0)
+
+
+# The cross-device operations of compiled HLO text: a sharded call that needs no communication has none of them.
+COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
+
+
+def collectives(hlo: str) -> dict[str, int]:
+  """How often each of COLLECTIVES (or its async -start form) occurs in compiled HLO text."""
+  return {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES}
 
 
 def fa3_tolerance(ref, pt, dtype, rtol: float, extra_atol: float = 0.0) -> float:

@@ -1,8 +1,6 @@
 """flash_attn_with_kvcache on the reference path against a NumPy oracle that writes the cache, rotates and attends
 sequence by sequence."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fa3_jax
+from fa3_jax import testing
 
 
 def _rotate(x, pos, cos, sin, interleaved):
@@ -199,9 +198,6 @@ def test_kvcache_under_jit_and_vmap_equals_eager():
       np.testing.assert_array_equal(np.asarray(g[i], np.float32), np.asarray(w, np.float32))
 
 
-COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
-
-
 @pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_kvcache_sharding_has_no_collectives_and_matches_unsharded(paged, mode):
@@ -233,7 +229,7 @@ def test_kvcache_sharding_has_no_collectives_and_matches_unsharded(paged, mode):
           put(lens, P(batch)))
   f = jax.jit(step)
   hlo = f.lower(*args).compile().as_text()
-  found = {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES}
+  found = testing.collectives(hlo)
   assert sum(found.values()) == 0, found
   got = f(*args)
   assert got[0].sharding.spec[0] == batch and got[0].sharding.spec[2] == "tp"

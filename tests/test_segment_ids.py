@@ -2,7 +2,6 @@
 per-segment oracle and flash_attn_varlen_func on the same documents, forward, lse and gradients; max_segments and
 its overflow; jit / vmap / remat; batch and head sharding on 8 fake CPU devices; argument errors."""
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import fa3_jax
+from fa3_jax import testing
 from oracle import assert_close, assert_out_and_lse_close, dense_segment_attention, numpy_segment_attention, \
     out_and_lse_loss, segment_rows
 
@@ -201,11 +201,8 @@ def test_jit_reuses_one_compilation_for_every_segmentation():
 
 # ---- multiple devices --------------------------------------------------------------------------------------------
 
-COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
-
-
 def collectives(hlo: str) -> int:
-  return sum(len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES)
+  return sum(testing.collectives(hlo).values())
 
 
 def sharding_inputs(kv_heads):

@@ -15,16 +15,12 @@ from jax.sharding import PartitionSpec as P
 import fa3_jax
 from fa3_jax import _extension
 from fa3_jax import sharding
+from fa3_jax.testing import collectives
 from fa3_jax._config import AttentionConfig
 from fa3_jax._config import SequenceLayout
 from oracle import dense_attention, numpy_attention, random_qkv
 
-COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "all-reduce", "reduce-scatter")
 MODES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
-
-
-def collectives(hlo: str) -> dict:
-  return {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES}
 
 
 def mesh_of(mode, shape=(2, 4), names=("dp", "tp")):

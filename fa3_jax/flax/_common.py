@@ -377,7 +377,7 @@ def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=No
   return out
 
 
-def check_cache_call(kv_cache, inputs_q, inputs_k, inputs_v, **others) -> KVCache:
+def check_cache_call(kv_cache, inputs_q, inputs_k, inputs_v, **others) -> None:
   """A module call with kv_cache: self-attention of inputs_q, none of the arguments in `others` (name -> value)
   given, and a KVCache."""
   if not isinstance(kv_cache, KVCache):
@@ -389,7 +389,6 @@ def check_cache_call(kv_cache, inputs_q, inputs_k, inputs_v, **others) -> KVCach
   if given:
     raise ValueError(f"kv_cache cannot be combined with {', '.join(given)}: the cache's lengths place the new "
                      "tokens (rotary positions, visibility); pass query_seq_lengths for right-padded prompts")
-  return kv_cache
 
 
 def module_cached_attention(opts: AttentionOptions, q, k, v, cache: KVCache, query_seq_lengths=None):
