@@ -18,6 +18,11 @@ class AttentionConfig:
   i + seqlen_k - seqlen_q - window_left <= j <= i + seqlen_k - seqlen_q + window_right, where None is unbounded on
   that side. Causal attention is window_right == 0. Bounds may be negative (jax.nn's top-left causal is
   window_right = seqlen_q - seqlen_k), which is why "unbounded" is None here rather than FlashAttention's -1.
+
+  attention_chunk C > 0 (Llama 4's local attention) further limits query row i to the keys of its chunk: with the
+  row at position p = i + seqlen_k - seqlen_q, key j is visible only if p // C == j // C (floor division, so rows
+  at negative positions see no key). The kernels have no chunk rule of their own: they run each chunk as a
+  sequence of a packing (fa3_jax/_chunks.py).
   """
 
   softmax_scale: float
@@ -28,6 +33,7 @@ class AttentionConfig:
   # The forward kernel's split-KV count (fa3_jax/_split_kv.py): how the work is cut, not what is computed. Calls with
   # packed or seqused queries run unsplit.
   num_splits: int = 1
+  attention_chunk: int = 0  # 0: no chunks
 
   def resolved_window(self, seqlen_q: int, seqlen_k: int) -> tuple[int, int]:
     """(left, right) with "unbounded" replaced by a bound that excludes nothing, as the kernels expect.
@@ -61,7 +67,10 @@ def visible(row, col, seqlen_q, seqlen_k, cfg: AttentionConfig):
   """Whether query `row` may attend key `col` (both >= 0) of a sequence of seqlen_q queries and seqlen_k keys. Rows
   and keys at or past their sequence's length see and are seen by nothing."""
   first, last = key_bounds(row, seqlen_q, seqlen_k, cfg)
-  return (row < seqlen_q) & (col < seqlen_k) & (col >= first) & (col <= last)
+  seen = (row < seqlen_q) & (col < seqlen_k) & (col >= first) & (col <= last)
+  if cfg.attention_chunk:
+    seen = seen & (diagonal(row, seqlen_q, seqlen_k) // cfg.attention_chunk == col // cfg.attention_chunk)
+  return seen
 
 
 # ---- where the sequences are -------------------------------------------------------------------------------------

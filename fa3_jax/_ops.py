@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from fa3_jax import _chunks
 from fa3_jax import _extension
 from fa3_jax import _segments
 from fa3_jax import reference
@@ -358,17 +359,65 @@ def segment_packing(sequences: SequenceLayout) -> SequenceLayout:
   return _segments.packing(sequences)
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedRun:
+  """How the kernels run a call whose rule or layout they do not take directly: segment ids (their packing,
+  segment_packing) and attention_chunk (each chunk a sequence, fa3_jax/_chunks.py) both become a packing of both
+  sides, a BSHD side's batch rows back to back, under a rule without chunks. pack_* turn the call's tensors into the
+  packed run's, unpack_* its results back."""
+  cfg: AttentionConfig
+  sequences: SequenceLayout
+  q_batch: int | None  # q's batch where q is BSHD (its tensors merge), None where packed already
+  k_batch: int | None
+
+  @classmethod
+  def of(cls, q, k, cfg: AttentionConfig, sequences: SequenceLayout) -> "PackedRun | None":
+    """The packed run of a call, or None where the kernels take it as it is."""
+    if not (sequences.segmented or cfg.attention_chunk):
+      return None
+    q_batch = None if sequences.packed_q else q.shape[0]
+    k_batch = None if sequences.packed_k else k.shape[0]
+    # Each side's rows as `sequences` counts them: a packed side's total, a BSHD side's seqlen.
+    rows_q, rows_k = (x.shape[0] if packed else x.shape[1] for x, packed in ((q, sequences.packed_q),
+                                                                            (k, sequences.packed_k)))
+    if sequences.segmented:
+      sequences, rows_q, rows_k = segment_packing(sequences), q.shape[0] * q.shape[1], k.shape[0] * k.shape[1]
+    if cfg.attention_chunk:
+      _, length = sequences.extents("q", rows_q)
+      batch = q.shape[0] if length is None else length.shape[0]
+      sequences = _chunks.chunk_layout(sequences, cfg.attention_chunk, rows_q, rows_k, batch)
+    return cls(dataclasses.replace(cfg, attention_chunk=0), sequences, q_batch, k_batch)
+
+  def pack_q(self, x):
+    return x if self.q_batch is None else _merge(x)
+
+  def pack_k(self, x):
+    return x if self.k_batch is None else _merge(x)
+
+  def pack_lse(self, x):
+    return x if self.q_batch is None or x is None else _merge_lse(x, packed=True)
+
+  def unpack_q(self, x):
+    return x if self.q_batch is None else _split(x, self.q_batch)
+
+  def unpack_k(self, x):
+    return x if self.k_batch is None else _split(x, self.k_batch)
+
+  def unpack_lse(self, x):
+    return x if self.q_batch is None else _split_lse(x, self.q_batch, packed=True)
+
+
 def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
   """(out, lse): the CUDA kernel on a GPU where one was built for these inputs, else the reference. q, k, v are
-  BSHD, or packed where `sequences` says so (fwd_kernel gives the shapes). A segmented layout runs on the kernels
-  as its packing (segment_packing) and on the reference as BSHD masked by segment; it is shard-local here, so the
-  batch may have been sharded above."""
+  BSHD, or packed where `sequences` says so (fwd_kernel gives the shapes). Segmented layouts and chunked rules run
+  on the kernels as a PackedRun and on the reference as they are (it masks by segment and chunk); a segmented
+  layout is shard-local here, so the batch may have been sharded above."""
   def kernel_fwd(q, k, v, sequences):
-    if not sequences.segmented:
+    run = PackedRun.of(q, k, cfg, sequences)
+    if run is None:
       return fwd_kernel(q, k, v, cfg, sequences)
-    # The batch's rows back to back: the same reshapes as n vmapped copies folded into one packing.
-    out, lse = fwd_kernel(_merge(q), _merge(k), _merge(v), cfg, segment_packing(sequences))
-    return out.reshape(*q.shape[:-1], -1), _split_lse(lse, q.shape[0], packed=True)
+    out, lse = fwd_kernel(run.pack_q(q), run.pack_k(k), run.pack_k(v), run.cfg, run.sequences)
+    return run.unpack_q(out), run.unpack_lse(lse)
 
   return _dispatch("fwd", kernel_fwd, lambda q, k, v, s: reference.varlen_forward(q, k, v, cfg, s),
                    q.dtype, q.shape[-1], v.shape[-1], q, k, v, sequences)
@@ -377,14 +426,14 @@ def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = Seq
 def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None,
                   sequences: SequenceLayout = SequenceLayout()):
   """(dq, dk, dv): the CUDA kernel on a GPU where one was built for these inputs, else the reference. dlse (lse's
-  cotangent, lse's shape, float32) is optional. Segmented layouts as in attention_fwd."""
+  cotangent, lse's shape, float32) is optional. Segmented layouts and chunked rules as in attention_fwd."""
   def kernel_bwd(dout, q, k, v, out, lse, dlse, sequences):
-    if not sequences.segmented:
+    run = PackedRun.of(q, k, cfg, sequences)
+    if run is None:
       return bwd_kernel(dout, q, k, v, out, lse, dlse, cfg=cfg, sequences=sequences)
-    grads = bwd_kernel(*map(_merge, (dout, q, k, v, out)), _merge_lse(lse, packed=True),
-                       None if dlse is None else _merge_lse(dlse, packed=True), cfg=cfg,
-                       sequences=segment_packing(sequences))
-    return tuple(g.reshape(x.shape) for g, x in zip(grads, (q, k, v)))
+    dq, dk, dv = bwd_kernel(*map(run.pack_q, (dout, q)), *map(run.pack_k, (k, v)), run.pack_q(out),
+                            run.pack_lse(lse), run.pack_lse(dlse), cfg=run.cfg, sequences=run.sequences)
+    return run.unpack_q(dq), run.unpack_k(dk), run.unpack_k(dv)
 
   def reference_bwd(dout, q, k, v, out, lse, dlse, sequences):
     return reference.varlen_backward(q, k, v, out, lse, dout, cfg, sequences, dlse=dlse)

@@ -7,7 +7,8 @@ group's head j: one tile per KV head reads the cache once, with g valid rows.
 
 The kernel then applies one visibility rule to all rows of a tile, so packing is exact only where every query row
 sees the same keys: no window on either side, or a single query row with no left window (it sits at the last key,
-so causal and any right window see every key). Other calls run unpacked.
+so causal and any right window see every key), and no attention_chunk (flash_attn_with_kvcache turns a single
+row's chunk into the start of its keys first). Other calls run unpacked.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fa3_jax._config import AttentionConfig
 
 def exact(cfg: AttentionConfig, seqlen_q: int) -> bool:
   """Whether packing computes the same attention: every query row sees every key of its sequence."""
-  return cfg.window_left is None and (cfg.window_right is None or seqlen_q == 1)
+  return not cfg.attention_chunk and cfg.window_left is None and (cfg.window_right is None or seqlen_q == 1)
 
 
 def choose(pack_gqa: bool | None, cfg: AttentionConfig, seqlen_q: int, heads: int, kv_heads: int) -> bool:
@@ -27,7 +28,8 @@ def choose(pack_gqa: bool | None, cfg: AttentionConfig, seqlen_q: int, heads: in
   group = heads // kv_heads
   if pack_gqa and not exact(cfg, seqlen_q):
     raise NotImplementedError("pack_gqa=True needs every query row to see the same keys: seqlen_q == 1 without a "
-                              "left window, or no causal mask and no window; pass pack_gqa=None or False")
+                              "left window, or no causal mask and no window, and attention_chunk only with "
+                              "seqlen_q == 1; pass pack_gqa=None or False")
   if pack_gqa is None:
     return group > 1 and exact(cfg, seqlen_q) and seqlen_q * group <= 128
   return bool(pack_gqa) and group > 1

@@ -502,13 +502,34 @@ def check_local_window_size(local_window_size) -> tuple[int | None, int | None]:
   return int(pair[0]), int(pair[1])
 
 
-def attention_config(head_dim: int, softmax_scale, causal, window_size, softcap, deterministic) -> AttentionConfig:
+def check_attention_chunk(attention_chunk) -> int:
+  """A static int >= 0 (0: no chunks). Chunks longer than MAX_SEQLEN become MAX_SEQLEN, which has the same
+  effect (one chunk holds every key, and rows at negative positions see none) and keeps the chunk arithmetic
+  within int32."""
+  return min(check_int("attention_chunk", attention_chunk, 0), MAX_SEQLEN)
+
+
+def check_sinks(sinks, heads: int):
+  """None, or the learnable sink logits: a floating (heads,) array (traced or not), as float32 (its gradient
+  converts back to the given dtype)."""
+  if sinks is None:
+    return None
+  check_is_array("sinks", sinks)
+  if not jnp.issubdtype(sinks.dtype, jnp.floating) or tuple(sinks.shape) != (heads,):
+    raise ValueError(f"sinks must be a floating array of shape (heads,) = ({heads},) (one logit per query head), "
+                     f"got {_dtype_name(sinks)} {tuple(sinks.shape)}")
+  return jnp.asarray(sinks).astype(jnp.float32)
+
+
+def attention_config(head_dim: int, softmax_scale, causal, window_size, softcap, deterministic,
+                     attention_chunk=0) -> AttentionConfig:
   """The checked AttentionConfig for FlashAttention-style arguments (window -1 = unbounded, causal = right 0)."""
   left, right = check_window(window_size, causal)
   scale, cap = check_scale_and_softcap(softmax_scale, softcap, head_dim)
   return AttentionConfig(softmax_scale=scale, window_left=None if left < 0 else left,
                          window_right=None if right < 0 else right, softcap=cap,
-                         deterministic=check_bool("deterministic", deterministic))
+                         deterministic=check_bool("deterministic", deterministic),
+                         attention_chunk=check_attention_chunk(attention_chunk))
 
 
 # ---- transformations -----------------------------------------------------------------------------------------

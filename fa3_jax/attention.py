@@ -16,6 +16,7 @@ from fa3_jax import fp8
 from fa3_jax import _validate
 from fa3_jax import _vma
 from fa3_jax import sharding
+from fa3_jax import sinks as sinks_lib
 from fa3_jax._config import AttentionConfig
 from fa3_jax._config import SequenceLayout
 
@@ -24,57 +25,67 @@ from fa3_jax._config import SequenceLayout
 RESIDUAL_NAMES = ("fa3_q", "fa3_k", "fa3_v", "fa3_out", "fa3_lse")
 
 
+def _forward(cfg, q, k, v, sequences, sinks):
+  out, lse = sharding.attention_fwd(q, k, v, cfg, sequences)
+  return (out, lse) if sinks is None else sinks_lib.apply(out, lse, sinks)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: AttentionConfig, q, k, v, sequences: SequenceLayout = SequenceLayout()):
-  return sharding.attention_fwd(q, k, v, cfg, sequences)
+def _attention(cfg: AttentionConfig, q, k, v, sequences: SequenceLayout = SequenceLayout(), sinks=None):
+  return _forward(cfg, q, k, v, sequences, sinks)
 
 
-def _attention_fwd(cfg, q, k, v, sequences):
-  q, k, v, sequences = jax.tree.map(lambda x: x.value, (q, k, v, sequences))  # symbolic_zeros=True wraps primals
+def _attention_fwd(cfg, q, k, v, sequences, sinks):
+  # symbolic_zeros=True wraps primals
+  q, k, v, sequences, sinks = jax.tree.map(lambda x: x.value, (q, k, v, sequences, sinks))
   # Differentiating a gradient differentiates both this forward and the backward below: both refuse clearly.
-  fwd = lambda q, k, v, sequences: sharding.attention_fwd(q, k, v, cfg, sequences)
-  out, lse = _validate.first_order_only(fwd)(q, k, v, sequences)
+  out, lse = _validate.first_order_only(functools.partial(_forward, cfg))(q, k, v, sequences, sinks)
   residuals = tuple(checkpoint_name(x, name) for x, name in zip((q, k, v, out, lse), RESIDUAL_NAMES))
-  return (out, lse), (*residuals, sequences)
+  return (out, lse), (*residuals, sequences, sinks)
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-  q, k, v, out, lse, sequences = residuals
+  q, k, v, out, lse, sequences, sinks = residuals
   dout, dlse = cotangents
   dout = jnp.zeros_like(out) if isinstance(dout, SymbolicZero) else dout.astype(out.dtype)
   # A cotangent on lse (lse returned and used) shifts D = rowsum(dout * out); the backward takes it as an optional
   # operand (docs/kernels.md §3.2).
   dlse = None if isinstance(dlse, SymbolicZero) else dlse
 
-  def bwd(dout, q, k, v, out, lse, dlse, sequences):
-    return sharding.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse, sequences=sequences)
+  def bwd(dout, q, k, v, out, lse, dlse, sequences, sinks):
+    # With sinks, out and lse are the sinked ones, which is all the kernels' backward needs (fa3_jax/sinks.py).
+    grads = sharding.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse, sequences=sequences)
+    return (*grads, None if sinks is None else sinks_lib.gradient(dout, out, lse, dlse, sinks))
 
+  dq, dk, dv, dsinks = _validate.first_order_only(bwd)(dout, q, k, v, out, lse, dlse, sequences, sinks)
   # The sequence layout (integer arrays) has no cotangent.
-  return (*_validate.first_order_only(bwd)(dout, q, k, v, out, lse, dlse, sequences), None)
+  return dq, dk, dv, None, dsinks
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
-def _empty_result(q, v, return_lse, sequences: SequenceLayout = SequenceLayout()):
-  """Output for calls with nothing to compute (no sequences, query rows, heads or keys): zeros and lse = -inf, in
-  q's layout (BSHD, or packed under `sequences`)."""
+def _empty_result(q, v, return_lse, sequences: SequenceLayout = SequenceLayout(), sinks=None):
+  """Output for calls with nothing to compute (no sequences, query rows, heads or keys): zeros and lse = -inf (the
+  sinks where given), in q's layout (BSHD, or packed under `sequences`)."""
   out = jnp.zeros((*q.shape[:-1], v.shape[-1]), q.dtype)
   lse = jnp.full(_ops.lse_shape(q, sequences), -jnp.inf, jnp.float32)
   out, lse = (_vma.vary_over(x, _vma.varying_axes(q)) for x in (out, lse))
+  if sinks is not None:
+    out, lse = sinks_lib.apply(out, lse, sinks)
   return (out, lse) if return_lse else out
 
 
-def _attention_under(cfg: AttentionConfig, q, k, v, sequences: SequenceLayout = SequenceLayout()):
-  """The custom_vjp on q, k, v under `sequences`. Inside shard_map(check_vma=True) its cotangents must have their
-  primals' types, so the inputs first get matching varying axes; the sequence arrays vary like q too, so that
-  everything computed from them does."""
-  leaves, tree = jax.tree.flatten(sequences)
+def _attention_under(cfg: AttentionConfig, q, k, v, sequences: SequenceLayout = SequenceLayout(), sinks=None):
+  """The custom_vjp on q, k, v (and sinks) under `sequences`. Inside shard_map(check_vma=True) its cotangents must
+  have their primals' types, so the inputs first get matching varying axes; the sequence arrays vary like q too, so
+  that everything computed from them does."""
+  leaves, tree = jax.tree.flatten((sequences, sinks))
   q, k, v, *leaves = _vma.match_varying_axes(q, k, v, *leaves)
-  return _attention(cfg, q, k, v, jax.tree.unflatten(tree, leaves))
+  return _attention(cfg, q, k, v, *jax.tree.unflatten(tree, leaves))
 
 
-def segment_attention(cfg: AttentionConfig, q, k, v, q_ids, kv_ids, max_segments: int):
+def segment_attention(cfg: AttentionConfig, q, k, v, q_ids, kv_ids, max_segments: int, sinks=None):
   """(out, lse) of BSHD q, k, v where tokens attend only within their segment (flash_attn_func's q_segment_ids);
   q_ids / kv_ids are checked int32 arrays (one object for self-attention, see _validate.segment_ids). Rows of a
   batch entry with more segments than max_segments, which the fixed-size layout cannot hold, give NaN."""
@@ -83,7 +94,7 @@ def segment_attention(cfg: AttentionConfig, q, k, v, q_ids, kv_ids, max_segments
   max_segments = min(max_segments, longest)
   sequences = SequenceLayout(segment_ids_q=q_ids, segment_ids_k=None if kv_ids is q_ids else kv_ids,
                              max_segments=max_segments)
-  out, lse = _attention_under(cfg, q, k, v, sequences)
+  out, lse = _attention_under(cfg, q, k, v, sequences, sinks)
   if max_segments == longest:
     return out, lse  # nothing can overflow: skip a pass over out (~30 us at 16k x 16 x 128)
   # Leaving the excess segments out would silently give their rows 0 and -inf; NaN reaches any loss instead.
@@ -93,7 +104,8 @@ def segment_attention(cfg: AttentionConfig, q, k, v, q_ids, kv_ids, max_segments
 
 def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     deterministic=False, return_lse=False, q_segment_ids=None, kv_segment_ids=None,
-                    max_segments=None, q_descale=None, k_descale=None, v_descale=None, out_dtype=None):
+                    max_segments=None, q_descale=None, k_descale=None, v_descale=None, out_dtype=None, sinks=None,
+                    attention_chunk=0):
   """Exact attention, FlashAttention-3 interface, differentiable in q, k, v (float16 / bfloat16).
 
   Args:
@@ -135,11 +147,21 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
       shared by its query heads), and out (and the computation) is out_dtype, bfloat16 by default or float16.
       Forward only. fa3_jax.fp8.quantize / fa3_jax.fp8.attention make these inputs. Until the FP8 kernels land,
       the real values run the bfloat16 / float16 kernels.
+    sinks: optional learnable sink logits (gpt-oss), a floating (heads,) array computed in float32: each row's
+      softmax also runs over a key of score sinks[h] and value 0, so out = sum_j p_j v_j with
+      p_j = exp(s_j) / (exp(sinks[h]) + sum_j exp(s_j)) and lse = log(exp(sinks[h]) + sum_j exp(s_j)); a row with no
+      visible key gives out = 0 and lse = sinks[h]. Differentiable (the gradient sums over batch and rows), traced or
+      not; it shards with the heads (fa3_jax/sinks.py).
+    attention_chunk: static int C >= 0 (0: off), Llama 4's chunked local attention: query i, at position
+      p = i + seqlen_k - seqlen_q, sees key j only if p // C == j // C, on top of causal / window_size (within each
+      segment with segment ids, positions counted from the segment's start). The kernels skip every block outside
+      the chunks, forward and backward (fa3_jax/_chunks.py). A sharded sequence axis is gathered for it (no context
+      parallelism), batch and heads shard as usual.
 
   Returns:
     out (batch, seqlen_q, heads, head_dim_v) in the input dtype; with return_lse=True, (out, lse) with lse
-    (batch, heads, seqlen_q) float32, the natural-log logsumexp of the scaled, softcapped, masked scores. A query row
-    with no visible key gives out = 0 and lse = -inf; so do padding rows (negative segment id) and rows of a segment
+    (batch, heads, seqlen_q) float32, the natural-log logsumexp of the scaled, softcapped, masked scores (and the sink).
+    A query row with no visible key gives out = 0 and lse = -inf (the sink with sinks); so do padding rows (negative segment id) and rows of a segment
     whose id has no key run, all with zero gradients.
 
   Segment ids known at trace time (NumPy arrays, non-traced jax arrays) are checked: integer dtype, shape, each id
@@ -156,18 +178,23 @@ def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(-1, 
     raise ValueError("q_descale, k_descale, v_descale and out_dtype belong to the FP8 path: pass float8_e4m3fn q, "
                      "k and v (fa3_jax.fp8.quantize), or leave them None")
   _validate.check_qkv(q, k, v)
-  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
+  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic,
+                                   attention_chunk)
+  sinks = _validate.check_sinks(sinks, q.shape[2])
   return_lse = _validate.check_bool("return_lse", return_lse)
   segments = _validate.segment_ids(q_segment_ids, kv_segment_ids, max_segments, q.shape[0], q.shape[1], k.shape[1])
   if 0 in q.shape[:3] or k.shape[1] == 0:
-    return _empty_result(q, v, return_lse)
-  out, lse = _attention_under(cfg, q, k, v) if segments is None else segment_attention(cfg, q, k, v, *segments)
+    return _empty_result(q, v, return_lse, sinks=sinks)
+  if segments is None:
+    out, lse = _attention_under(cfg, q, k, v, sinks=sinks)
+  else:
+    out, lse = segment_attention(cfg, q, k, v, *segments, sinks=sinks)
   return (out, lse) if return_lse else out
 
 
 def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                               deterministic=False, return_lse=False, q_segment_ids=None, kv_segment_ids=None,
-                              max_segments=None):
+                              max_segments=None, sinks=None, attention_chunk=0):
   """flash_attn_func on a packed qkv of shape (batch, seqlen, 3, heads, head_dim) float16 | bfloat16; same
   keywords, results and limits, with errors about the array naming qkv.
 
@@ -177,12 +204,12 @@ def flash_attn_qkvpacked_func(qkv, softmax_scale=None, causal=False, window_size
   return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], softmax_scale=softmax_scale, causal=causal,
                          window_size=window_size, softcap=softcap, deterministic=deterministic,
                          return_lse=return_lse, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                         max_segments=max_segments)
+                         max_segments=max_segments, sinks=sinks, attention_chunk=attention_chunk)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
                            seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                           deterministic=False, return_lse=False):
+                           deterministic=False, return_lse=False, sinks=None, attention_chunk=0):
   """Exact attention over variable-length sequences packed back to back, FlashAttention-3 interface,
   differentiable in q, k, v. One compiled function serves every packing of the same shapes.
 
@@ -196,10 +223,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     max_seqlen_q, max_seqlen_k: static ints in [1, MAX_SEQLEN = 2**29], upper bounds of the sequences' lengths.
     seqused_q, seqused_k: optional (batch,) int32 arrays: sequence b uses only the first seqused[b] rows of its
       allotment (the rest belong to no sequence).
-    softmax_scale, softcap, deterministic, return_lse: as flash_attn_func.
-    causal, window_size: as flash_attn_func, applied to each sequence on its own lengths (bottom-right aligned:
-      query i of a sequence of len_q queries and len_k keys sees key j iff
-      i + len_k - len_q - left <= j <= i + len_k - len_q + right).
+    softmax_scale, softcap, deterministic, return_lse, sinks: as flash_attn_func.
+    causal, window_size, attention_chunk: as flash_attn_func, applied to each sequence on its own lengths
+      (bottom-right aligned: query i of a sequence of len_q queries and len_k keys sits at position
+      p = i + len_k - len_q and sees key j iff p - left <= j <= p + right, and with attention_chunk C only if
+      p // C == j // C).
 
   Sequence b owns the query rows [cu_seqlens_q[b], cu_seqlens_q[b] + len_q(b)) and the key rows
   [cu_seqlens_k[b], cu_seqlens_k[b] + len_k(b)), where len_q(b) = seqused_q[b] if given, else
@@ -209,7 +237,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
   Returns:
     out (total_q, heads, head_dim_v) in the input dtype; with return_lse=True, (out, lse) with lse (heads, total_q)
     float32, the natural-log logsumexp of the scaled, softcapped, masked scores. Rows that belong to no sequence
-    (gaps, rows past cu_seqlens_q[-1] or beyond seqused_q) and rows that see no key give out = 0 and lse = -inf;
+    (gaps, rows past cu_seqlens_q[-1] or beyond seqused_q) and rows that see no key give out = 0 and lse = -inf
+    (with sinks: the sink);
     their dq, and dk / dv of key rows outside every sequence, are 0.
 
   Values of cu_seqlens and seqused known at trace time (NumPy arrays, non-traced jax arrays) are checked to be
@@ -222,11 +251,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
   _validate.check_varlen_qkv(q, k, v)
   sequences = _validate.sequence_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q,
                                         seqused_k, q.shape[0], k.shape[0])
-  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic)
+  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, deterministic,
+                                   attention_chunk)
+  sinks = _validate.check_sinks(sinks, q.shape[1])
   return_lse = _validate.check_bool("return_lse", return_lse)
   if 0 in (*q.shape[:2], k.shape[0], sequences.cu_seqlens_q.shape[0] - 1):
-    return _empty_result(q, v, return_lse, sequences)
-  out, lse = _attention_under(cfg, q, k, v, sequences)
+    return _empty_result(q, v, return_lse, sequences, sinks)
+  out, lse = _attention_under(cfg, q, k, v, sequences, sinks)
   return (out, lse) if return_lse else out
 
 

@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fa3_jax import _segments
 from fa3_jax import _validate
+from fa3_jax import sinks as sinks_lib
 from fa3_jax._config import AttentionConfig
 from fa3_jax._config import SequenceLayout
 from fa3_jax._config import visible
@@ -182,6 +184,9 @@ class Masking:
   segments: (ids, ids, max_segments) from _validate.segment_ids, for self-attention (T == S) with nothing else but
   the window: tokens attend only within their segment (flash_attn_func's q_segment_ids). A segment's query and key
   runs coincide, so jax.nn's top-left window within it is the kernels' bottom-right one.
+  chunk: attention_chunk C > 0, top-left like the window: query i sees key j only if i // C == j // C (within a
+  segment, counted from its start). The kernels take it where the bottom-right positions equal the top-left ones
+  (a shift of 0); elsewhere the dense path masks it.
   """
 
   left: int | None = None
@@ -193,6 +198,7 @@ class Masking:
   dense_mask: object = None
   bias: object = None
   segments: tuple | None = None
+  chunk: int = 0
 
   def with_structure(self, st: MaskStructure) -> "Masking":
     return dataclasses.replace(self, left=_min_bound(self.left, st.left), right=_min_bound(self.right, st.right),
@@ -223,10 +229,12 @@ class Masking:
     return side(self.q_valid, self.q_lengths, t), side(self.kv_valid, self.kv_lengths, s)
 
 
-def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: float = 0.0):
-  """Attention with top-left masking. q (B, T, N, H), k (B, S, K, H), v (B, S, K, H_v), N % K == 0, one float dtype.
+def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: float = 0.0, sinks=None):
+  """Attention with top-left masking. q (B, T, N, H), k (B, S, K, H), v (B, S, K, H_v), N % K == 0, one float dtype;
+  sinks: optional (N,) float32 sink logits (fa3_jax/sinks.py).
 
-  Returns (out (B, T, N, H_v) in q.dtype, lse (B, N, T) float32; -inf and out = 0 where a row sees no key).
+  Returns (out (B, T, N, H_v) in q.dtype, lse (B, N, T) float32; -inf (the sink) and out = 0 where a row sees no
+  key).
   Runs the fa3 custom_vjp when `masking.kernel_expressible` and the dtype/head dims have a kernel path, else the
   dense float32 path.
   """
@@ -236,23 +244,27 @@ def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: fl
   _validate.check_seqlen("S (key's sequence length)", s)
   scale, softcap = _validate.check_scale_and_softcap(scale, softcap, h, scale_name="scale")
   if 0 in q.shape[:3] or s == 0:
-    return _empty_result(q, v, return_lse=True)
+    return _empty_result(q, v, return_lse=True, sinks=sinks)
   # Bounds that exclude nothing become unbounded, so that windows of any size stay within int32 arithmetic.
   masking = dataclasses.replace(masking, left=None if masking.left is None or masking.left >= t - 1 else masking.left,
                                 right=None if masking.right is None or masking.right >= s - 1 else masking.right)
   if masking.segments is not None:
     if _has_flash_path(q, k, v):
-      return segment_attention(_config(masking, scale, softcap, shift=0), q, k, v, *masking.segments)
+      return segment_attention(_config(masking, scale, softcap, shift=0), q, k, v, *masking.segments, sinks=sinks)
     ids = masking.segments[0]
     same_segment = (ids[:, :, None] == ids[:, None, :]) & (ids >= 0)[:, :, None]
-    masking = dataclasses.replace(masking, segments=None, dense_mask=same_segment[:, None])
+    if masking.chunk:  # chunks count from each segment's start
+      chunk = _segments.run_coordinates(ids)[0] // masking.chunk
+      same_segment = same_segment & (chunk[:, :, None] == chunk[:, None, :])
+    masking = dataclasses.replace(masking, segments=None, dense_mask=same_segment[:, None], chunk=0)
   masking = masking.with_prefix_validity_as_lengths(b)
   lengths = _kernel_lengths(masking, t, s) if masking.kernel_expressible and _has_flash_path(q, k, v) else None
-  if lengths is None:
-    return _dense_attention(q, k, v, masking, _config(masking, scale, softcap, shift=s - t))
+  if lengths is None or (masking.chunk and lengths[2] != 0):
+    out, lse = _dense_attention(q, k, v, masking, _config(masking, scale, softcap, shift=s - t))
+    return (out, lse) if sinks is None else sinks_lib.apply(out, lse, sinks)
   used_q, used_k, shift = lengths
   out, lse = _attention_under(_config(masking, scale, softcap, shift), q, k, v,
-                              SequenceLayout(seqused_q=used_q, seqused_k=used_k))
+                              SequenceLayout(seqused_q=used_q, seqused_k=used_k), sinks)
   if masking.q_lengths is None:
     return out, lse
   # The kernels may have run every query row (see _kernel_lengths): those past q_lengths are padding, 0 and -inf;
@@ -264,9 +276,11 @@ def attend(q, k, v, masking: Masking, *, scale: float | None = None, softcap: fl
 def _config(masking: Masking, scale: float, softcap: float, shift: int) -> AttentionConfig:
   """masking's top-left window in the kernels' bottom-right terms, for sequences whose used key length exceeds
   their used query length by `shift` (docs/integration.md §7): query i's bottom-right diagonal is i + shift, so
-  top-left's i - left <= j <= i + right is window_left = left + shift, window_right = right - shift."""
+  top-left's i - left <= j <= i + right is window_left = left + shift, window_right = right - shift. The chunk rule
+  carries over only at shift 0 (where the two positions agree); the dense path masks other shifts itself."""
   return AttentionConfig(softmax_scale=scale, window_left=None if masking.left is None else masking.left + shift,
-                         window_right=None if masking.right is None else masking.right - shift, softcap=softcap)
+                         window_right=None if masking.right is None else masking.right - shift, softcap=softcap,
+                         attention_chunk=masking.chunk if shift == 0 else 0)
 
 
 def _kernel_lengths(masking: Masking, t: int, s: int):
@@ -340,7 +354,10 @@ def _dense_attention(q, k, v, masking: Masking, cfg: AttentionConfig):
 
   if masking.bias is not None:
     logits = logits + grouped(masking.bias).astype(jnp.float32)
-  attend = visible(jnp.arange(t)[:, None], jnp.arange(s)[None, :], t, s, cfg)[None, None, None]
+  rows, cols = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
+  attend = visible(rows, cols, t, s, dataclasses.replace(cfg, attention_chunk=0))[None, None, None]
+  if masking.chunk:  # top-left, as jax.nn's positions
+    attend = attend & (rows // masking.chunk == cols // masking.chunk)[None, None, None]
   q_valid, kv_valid = masking.validity(t, s)
   if q_valid is not None:
     attend = attend & jnp.asarray(q_valid, bool)[:, None, None, :, None]
@@ -365,7 +382,7 @@ def _dense_attention(q, k, v, masking: Masking, cfg: AttentionConfig):
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
                           query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                          implementation=None, return_residual=False):
+                          implementation=None, return_residual=False, sinks=None, attention_chunk=0):
   """Scaled dot-product attention with jax.nn.dot_product_attention's signature and semantics, on fa3_jax.
 
   Args:
@@ -395,6 +412,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     return_residual: also return the logsumexp, (B, T, N) or (T, N), in key's dtype, without gradient (jax.nn's
       layout and behaviour; rows that see no key, those beyond query_seq_lengths included, give jax.nn's value
       there, the masking value -0.7 * float32's max cast to key's dtype: -inf in float16).
+    sinks: optional (N,) learnable sink logits (fa3_jax's extension; see flash_attn_func), differentiable.
+    attention_chunk: int C >= 0 (fa3_jax's extension; 0: off): query i sees key j only if i // C == j // C, on top
+      of everything else, top-left like is_causal. On the kernels where T == S and the lengths (if any) are the
+      same for queries and keys; else the dense path.
 
   Returns:
     (B, T, N, H_v) (or (T, N, H_v)) in query's dtype; with return_residual, (out, residual).
@@ -403,6 +424,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   derivatives; the dense path supports them.
   """
   if _validate.check_choice("implementation", implementation, (None, "fa3", "xla", "cudnn")) in ("xla", "cudnn"):
+    if sinks is not None or attention_chunk:
+      raise NotImplementedError(f"sinks and attention_chunk are fa3_jax's extensions; implementation="
+                                f"{implementation!r} (jax.nn.dot_product_attention) has neither: pass "
+                                "implementation=None")
     return jax.nn.dot_product_attention(
         query, key, value, bias, mask, scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths, local_window_size=local_window_size,
@@ -436,7 +461,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
   # kernels' per-sequence alignment equals jax.nn's even for traced lengths.
   if key_value_seq_lengths is query_seq_lengths:
     kv_lengths = q_lengths
-  masking = dataclasses.replace(masking, q_lengths=q_lengths, kv_lengths=kv_lengths)
+  masking = dataclasses.replace(masking, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                                chunk=_validate.check_attention_chunk(attention_chunk))
+  sinks = _validate.check_sinks(sinks, n)
   if bias is not None:
     bias = _validate.check_broadcastable("bias", _ensure_4d(_validate.as_array("bias", bias)), (b, n, t, s))
     masking = dataclasses.replace(masking, bias=bias)
@@ -449,7 +476,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     masking = (dataclasses.replace(masking, dense_mask=mask) if structure is None
                else masking.with_structure(structure))
 
-  out, lse = attend(q, k, v, masking, scale=scale)
+  out, lse = attend(q, k, v, masking, scale=scale, sinks=sinks)
   if unbatched:
     out, lse = out[0], lse[0]
   if not return_residual:

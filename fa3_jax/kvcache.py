@@ -23,6 +23,7 @@ from fa3_jax import _split_kv
 from fa3_jax import _validate
 from fa3_jax import rotary
 from fa3_jax import sharding
+from fa3_jax import sinks as sinks_lib
 from fa3_jax._config import AttentionConfig
 from fa3_jax._config import SequenceLayout
 
@@ -123,7 +124,8 @@ def _keys(cache, batch_idx, page_table):
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, page_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, num_splits=0, pack_gqa=None, return_lse=False):
+                            rotary_interleaved=True, num_splits=0, pack_gqa=None, return_lse=False, sinks=None,
+                            attention_chunk=0):
   """Attention of q against a KV cache, after appending k / v to it (FlashAttention-3's interface). Forward only.
 
   Args:
@@ -152,9 +154,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
       kv_heads <= 128); True forces it (NotImplementedError where it is not exact: causal or windowed calls with
       several query rows); False never packs.
     return_lse: also return lse (batch, heads, seqlen_q) float32.
+    sinks: optional (heads,) sink logits, as flash_attn_func's.
+    attention_chunk: as flash_attn_func's, with key positions counted from the sequence's first key
+      (cache_leftpad[b]), as causal and windows count them. A single query row (decoding) attends its chunk's keys
+      so far, with split-KV and GQA packing as without chunks.
 
   Sequence b attends its keys [cache_leftpad[b], cache_seqlens[b] + seqlen_new) (clipped to the capacity). Query
-  rows that see no key get out = 0 and lse = -inf.
+  rows that see no key get out = 0 and lse = -inf (the sink with sinks).
 
   Returns:
     out (batch, seqlen_q, heads, head_dim_v); (out, lse) with return_lse; with k / v given, also the updated caches:
@@ -168,7 +174,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
   page_table = None if page_table is None else jnp.asarray(page_table)
   b, seqlen_q = q.shape[:2]
   seqlen_new = 0 if k is None else k.shape[1]
-  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, False)
+  cfg = _validate.attention_config(q.shape[-1], softmax_scale, causal, window_size, softcap, False,
+                                   attention_chunk)
+  sinks = _validate.check_sinks(sinks, q.shape[2])
   return_lse = _validate.check_bool("return_lse", return_lse)
   num_splits = _validate.check_int("num_splits", num_splits, 0)
   if num_splits > _split_kv.MAX_SPLITS:
@@ -216,6 +224,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
   keys, values = _keys(k_cache, batch_idx, page_table), _keys(v_cache, batch_idx, page_table)
   length = cache_seqlens + seqlen_new
+  if cfg.attention_chunk and seqlen_q == 1:
+    # The row sits at the last key, so its chunk is a start for its keys: the call stays BSHD in q (split-KV, GQA
+    # packing) instead of running each chunk as a sequence.
+    first = jnp.zeros_like(length) if leftpad is None else leftpad
+    last = jnp.maximum(length - first - 1, 0)
+    leftpad = first + last // cfg.attention_chunk * cfg.attention_chunk
+    cfg = dataclasses.replace(cfg, attention_chunk=0)
   if leftpad is None:
     sequences = SequenceLayout(seqused_k=length)
   else:
@@ -236,6 +251,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                                sequences), heads)
   else:
     out, lse = _forward_only(cfg, q, keys, values, sequences)
+  if sinks is not None:
+    out, lse = sinks_lib.apply(out, lse, sinks)
   result = (out, lse) if return_lse else (out,)
   if k is not None:
     result = (*result, k_cache, v_cache)

@@ -21,7 +21,7 @@ Packed calls (cu_seqlens on a side) shard over heads only: their sequences run a
 batch and the cu_seqlens / seqused arrays stay replicated (docs/integration.md §4.8). Layouts that keep sequence b
 in batch entry b on both sides (`SequenceLayout.batch_aligned`: seqused only, as jax.nn's lengths and KV caches
 give, or segment ids) shard over batch and heads, their arrays split with the batch; a segmented shard packs its own
-rows (`_ops.attention_fwd`). Only uniform calls shard the sequence.
+rows (`_ops.attention_fwd`). Only uniform calls without attention_chunk shard the sequence.
 """
 
 from __future__ import annotations
@@ -108,10 +108,16 @@ class Layout:
     return not (self.batch or self.seq or self.heads)
 
 
-def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout = SequenceLayout()) -> Layout:
+def sequence_shardable(cfg: AttentionConfig, sequences: SequenceLayout) -> bool:
+  """Whether the sequence axis may shard (context parallelism): uniform layouts without chunks only. The ring's
+  per-pair windows cannot express chunk boundaries, so a chunked call gathers the sequence instead."""
+  return sequences.uniform and not cfg.attention_chunk
+
+
+def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout, cfg: AttentionConfig) -> Layout:
   """Layout from q's partition spec: axes that do not divide their dimension are dropped (XLA then gathers that
-  dimension), a sharded head_dim is gathered, and K/V heads follow q's heads when they divide evenly. Under a
-  sequence layout that is not uniform the sequence does not shard, and a packed one shards only the heads."""
+  dimension), a sharded head_dim is gathered, and K/V heads follow q's heads when they divide evenly. Only
+  sequence_shardable calls shard the sequence, and a packed layout shards only the heads."""
   spec = tuple(q_spec) + (None,) * (len(q_shape) - len(tuple(q_spec)))
   sizes = {a: int(s) for a, s in dict(mesh_shape).items()}
   h, hk = q_shape[-2], k_shape[-2]
@@ -121,9 +127,9 @@ def plan(q_spec, mesh_shape, q_shape, k_shape, sequences: SequenceLayout = Seque
     n = math.prod(sizes[a] for a in axes)
     return axes if all(d % n == 0 for d in dims) else ()
 
-  uniform = sequences.uniform
+  shardable = sequence_shardable(cfg, sequences)
   batch = take(spec[0], q_shape[0]) if sequences.batch_aligned else ()
-  seq = take(spec[1], q_shape[1], k_shape[1]) if uniform else ()
+  seq = take(spec[1], q_shape[1], k_shape[1]) if shardable else ()
   heads = take(spec[-2], h)
   kv_heads = heads if hk % math.prod(sizes[a] for a in heads) == 0 else ()
   return Layout(batch, seq, heads, kv_heads, tuple(sorted(sizes.items())), sequences.packed_q, sequences.packed_k)
@@ -202,7 +208,7 @@ def local_bwd(dout, q, k, v, out, lse, dlse, sequences: SequenceLayout, cfg: Att
 
 # ---- Explicit mesh axes: shard_map with specs from the types ---------------------------------------------------
 
-def _explicit_layout(q, k, sequences: SequenceLayout):
+def _explicit_layout(q, k, sequences: SequenceLayout, cfg: AttentionConfig):
   """The Layout when q's type carries Explicit-axis sharding, else None."""
   t = jax.typeof(q)
   mesh = t.sharding.mesh
@@ -210,7 +216,7 @@ def _explicit_layout(q, k, sequences: SequenceLayout):
     return None
   explicit = set(mesh.explicit_axes)
   spec = tuple(P(*[tuple(a for a in _entry_axes(e) if a in explicit) or None for e in t.sharding.spec]))
-  layout = plan(spec, mesh.shape, q.shape, k.shape, sequences)
+  layout = plan(spec, mesh.shape, q.shape, k.shape, sequences, cfg)
   return None if layout.trivial else (mesh, layout)
 
 
@@ -259,10 +265,10 @@ def _named(sharding):
   return sharding.spec if isinstance(sharding, NamedSharding) else None
 
 
-def _layout_from(mesh, q, k, sequences: SequenceLayout):
+def _layout_from(mesh, q, k, sequences: SequenceLayout, cfg: AttentionConfig):
   """The Layout from q's sharding at compile time (q, k: the operands' shapes / shardings)."""
   spec = _named(q.sharding)
-  return plan(spec if spec is not None else P(), mesh.shape, q.shape, k.shape, sequences)
+  return plan(spec if spec is not None else P(), mesh.shape, q.shape, k.shape, sequences, cfg)
 
 
 def _heads_factors(mesh, h: int, hk: int):
@@ -315,14 +321,14 @@ class _Factors:
     return rule, {**self.sizes, "need_replication_factors": tuple(f for f in first if f in self.replicated)}
 
 
-def _factors(mesh, q_type, k_type, sequences: SequenceLayout) -> _Factors:
+def _factors(mesh, q_type, k_type, sequences: SequenceLayout, cfg: AttentionConfig) -> _Factors:
   hq, hkv, sizes = _heads_factors(mesh, q_type.shape[-2], k_type.shape[-2])
   # One rule fragment per leaf of the layout, in its pytree order (the dataclass's field order).
   kinds = {"cu_seqlens_q": "c", "cu_seqlens_k": "c", "seqused_q": "b", "seqused_k": "b", "segment_ids_q": "b s",
            "segment_ids_k": "b t"}
   operands = tuple(kinds[field.name] for field in dataclasses.fields(sequences)
                    if not field.metadata.get("static") and getattr(sequences, field.name) is not None)
-  replicated = "de" if sequences.uniform else "dest" if sequences.batch_aligned else "debstc"
+  replicated = ("de" if sequence_shardable(cfg, sequences) else "dest" if sequences.batch_aligned else "debstc")
   return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands, frozenset(replicated), sizes)
 
 
@@ -336,12 +342,12 @@ def _split(names, args, tree):
 
 def _fwd_rule(cfg, tree, mesh, operand_types, result_types):
   t, sequences = _split(_ops.FWD.operands, operand_types, tree)
-  return _factors(mesh, t["q"], t["k"], sequences).rule(_ops.FWD.operands, _ops.FWD.outputs)
+  return _factors(mesh, t["q"], t["k"], sequences, cfg).rule(_ops.FWD.operands, _ops.FWD.outputs)
 
 
 def _fwd_partition(cfg, tree, mesh, arg_shapes, result_shape):
   t, sequences = _split(_ops.FWD.operands, arg_shapes, tree)
-  layout = _layout_from(mesh, t["q"], t["k"], sequences)
+  layout = _layout_from(mesh, t["q"], t["k"], sequences, cfg)
   s = lambda spec: NamedSharding(mesh, spec)
 
   def lower(q, k, v, *leaves):
@@ -353,7 +359,7 @@ def _fwd_partition(cfg, tree, mesh, arg_shapes, result_shape):
 
 def _partitioned_fwd(cfg, tree, q, k, v, *leaves):
   sequences = jax.tree.unflatten(tree, leaves)
-  return tuple(local_fwd(q, k, v, sequences, cfg, plan(P(), {}, q.shape, k.shape, sequences)))
+  return tuple(local_fwd(q, k, v, sequences, cfg, plan(P(), {}, q.shape, k.shape, sequences, cfg)))
 
 
 _partitioned_fwd = custom_partitioning(_partitioned_fwd, static_argnums=(0, 1))
@@ -366,7 +372,7 @@ def _bwd_tensors(with_dlse: bool) -> tuple[str, ...]:
 
 def _bwd_rule(cfg, with_dlse, tree, mesh, operand_types, result_types):
   t, sequences = _split(_bwd_tensors(with_dlse), operand_types, tree)
-  return _factors(mesh, t["q"], t["k"], sequences).rule(_bwd_tensors(with_dlse), _ops.BWD.outputs)
+  return _factors(mesh, t["q"], t["k"], sequences, cfg).rule(_bwd_tensors(with_dlse), _ops.BWD.outputs)
 
 
 def _local_bwd_of(names, args, tree, cfg, layout_of):
@@ -378,7 +384,7 @@ def _local_bwd_of(names, args, tree, cfg, layout_of):
 def _bwd_partition(cfg, with_dlse, tree, mesh, arg_shapes, result_shape):
   names = _bwd_tensors(with_dlse)
   t, sequences = _split(names, arg_shapes, tree)
-  layout = _layout_from(mesh, t["q"], t["k"], sequences)
+  layout = _layout_from(mesh, t["q"], t["k"], sequences, cfg)
   s = lambda spec: NamedSharding(mesh, spec)
 
   def lower(*args):
@@ -390,7 +396,7 @@ def _bwd_partition(cfg, with_dlse, tree, mesh, arg_shapes, result_shape):
 
 def _partitioned_bwd(cfg, with_dlse, tree, *args):
   return tuple(_local_bwd_of(_bwd_tensors(with_dlse), args, tree, cfg,
-                             lambda t, sequences: plan(P(), {}, t["q"].shape, t["k"].shape, sequences)))
+                             lambda t, sequences: plan(P(), {}, t["q"].shape, t["k"].shape, sequences, cfg)))
 
 
 _partitioned_bwd = custom_partitioning(_partitioned_bwd, static_argnums=(0, 1, 2))
@@ -408,7 +414,7 @@ def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = Seq
   """(out, lse) of the global problem, computed shard by shard wherever the inputs are sharded."""
   if not ENABLED or _inside_shard_map():
     return _ops.attention_fwd(q, k, v, cfg, sequences)
-  explicit = _explicit_layout(q, k, sequences)
+  explicit = _explicit_layout(q, k, sequences, cfg)
   if explicit is not None:
     return _explicit_fwd(*explicit, q, k, v, sequences, cfg)
 
@@ -425,7 +431,7 @@ def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None,
   """(dq, dk, dv) of the global problem, shard by shard; dlse (the lse cotangent) is optional."""
   if not ENABLED or _inside_shard_map():
     return _ops.attention_bwd(dout, q, k, v, out, lse, cfg, dlse=dlse, sequences=sequences)
-  explicit = _explicit_layout(q, k, sequences)
+  explicit = _explicit_layout(q, k, sequences, cfg)
   if explicit is not None:
     return _explicit_bwd(*explicit, dout, q, k, v, out, lse, dlse, sequences, cfg)
 

@@ -62,11 +62,13 @@ def kernel_problem() -> str | None:
   return None if problem is None else f"this Hopper GPU has no kernels to run: {problem}"
 
 
-def same_precision_attention(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout()):
+def same_precision_attention(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = SequenceLayout(),
+                             sinks=None):
   """Dense attention computed in the input precision (FA3's `pt` baseline): the softmax scale is applied to K, the
   scores, probabilities and output are rounded to the input dtype after each step. q, k, v are BSHD, or packed where
-  `sequences` says so (each sequence is padded to its side's max_seqlen, as the reference does). Returns out in q's
-  layout: (b, s_q, h, d_v) or (total_q, h, d_v)."""
+  `sequences` says so (each sequence is padded to its side's max_seqlen, as the reference does); sinks (h,) float32
+  join each row's softmax as a column of their own. Returns out in q's layout: (b, s_q, h, d_v) or (total_q, h,
+  d_v)."""
   pq, pk = reference.paddings(sequences, q, k)
   q, k, v = pq.pad(q), pk.pad(k), pk.pad(v)
   dtype = q.dtype
@@ -82,7 +84,11 @@ def same_precision_attention(q, k, v, cfg: AttentionConfig, sequences: SequenceL
   attend = visible(jnp.arange(sq)[:, None], jnp.arange(sk)[None, :], lengths(pq.lengths, sq), lengths(pk.lengths, sk),
                    cfg)
   s = jnp.where(attend, s.astype(jnp.float32), -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
+  if sinks is None:
+    p = jax.nn.softmax(s, axis=-1)
+  else:
+    sink = jnp.broadcast_to(sinks[None, :, None, None], (*s.shape[:-1], 1))
+    p = jax.nn.softmax(jnp.concatenate([s, sink], axis=-1), axis=-1)[..., :-1]
   p = jnp.where(attend.any(axis=-1, keepdims=True), p, 0.0).astype(dtype)
   return pq.unpad(jnp.einsum("bhqk,bkhd->bqhd", p, v, preferred_element_type=jnp.float32).astype(dtype), 0)
 
@@ -182,16 +188,20 @@ class KernelCase:
   deterministic: bool = False
   seed: int = 0
   packing: Packing | None = None
+  sinks_scale: float = 0.0  # > 0: random normal sink logits of this scale
+  attention_chunk: int = 0
 
   def attention_kwargs(self) -> dict:
     return dict(causal=self.causal, window_size=self.window_size, softcap=self.softcap,
-                deterministic=self.deterministic)
+                deterministic=self.deterministic, attention_chunk=self.attention_chunk)
 
   def describe(self) -> str:
     """One line, e.g. 'bfloat16 128x128 fwd+bwd causal, 2 x 113 x 239, heads 4 / kv 2'."""
     mask = [name for name, on in (("causal", self.causal),
                                   (f"window {self.window_size}", self.window_size != (-1, -1)),
-                                  (f"softcap {self.softcap:g}", self.softcap > 0)) if on]
+                                  (f"softcap {self.softcap:g}", self.softcap > 0),
+                                  (f"chunk {self.attention_chunk}", self.attention_chunk > 0),
+                                  (f"sinks x{self.sinks_scale:g}", self.sinks_scale > 0)) if on]
     problem = (f"{self.batch} x {self.seqlen_q} x {self.seqlen_k}" if self.packing is None else
                f"{self.packing.describe()}, max {self.seqlen_q} x {self.seqlen_k}")
     return (f"{self.dtype} {self.head_dim}x{self.head_dim_v} {'fwd+bwd' if self.backward else 'fwd'} "
@@ -218,62 +228,72 @@ def _sequences(case: KernelCase) -> SequenceLayout:
 
 
 def _inputs(case: KernelCase):
-  """Fresh random normal q, k, v, dout of case.dtype, as host arrays (generating them with JAX would compile a
-  program per shape)."""
+  """Fresh random normal q, k, v, dout of case.dtype, and the sinks (float32, or None), as host arrays (generating
+  them with JAX would compile a program per shape)."""
   rng = np.random.default_rng(case.seed)
   q, k, v, dout = (rng.standard_normal(shape, np.float32) for shape in _shapes(case))
   if case.softcap > 0:
     q = q * np.float32(case.softcap / 4)  # FA3's recipe: make the cap bite
-  return tuple(x.astype(jnp.dtype(case.dtype)) for x in (q, k, v, dout))
+  sinks = rng.standard_normal(case.heads).astype(np.float32) * case.sinks_scale if case.sinks_scale > 0 else None
+  return (*(x.astype(jnp.dtype(case.dtype)) for x in (q, k, v, dout)), sinks)
 
 
 def lower_check(case: KernelCase) -> jax.stages.Lowered:
   """The check as one program (q, k, v, dout, sequence layout) -> {"out": (ours, reference, baseline),
   "lse": (ours, reference), "dq" / "dk" / "dv": (ours, reference, baseline) with case.backward}, traced and lowered
   for the default backend."""
-  from fa3_jax import _validate, attention  # late import: fa3_jax imports this module's siblings
+  from fa3_jax import _validate, attention, sinks as sinks_lib  # late: fa3_jax imports this module's siblings
 
   cfg = _validate.attention_config(case.head_dim, None, case.causal, case.window_size, case.softcap,
-                                   case.deterministic)
+                                   case.deterministic, case.attention_chunk)
   kwargs = case.attention_kwargs()
   as_f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+  names = ("dq", "dk", "dv") + (("dsinks",) if case.sinks_scale > 0 else ())
 
-  def program(q, k, v, dout, sequences):
+  def program(q, k, v, dout, sinks, sequences):
     if case.packing is None:
-      ours = lambda q, k, v: attention.flash_attn_func(q, k, v, return_lse=True, **kwargs)
+      ours = lambda q, k, v, sinks: attention.flash_attn_func(q, k, v, return_lse=True, sinks=sinks, **kwargs)
     else:
-      ours = lambda q, k, v: attention.flash_attn_varlen_func(
+      ours = lambda q, k, v, sinks: attention.flash_attn_varlen_func(
           q, k, v, sequences.cu_seqlens_q, sequences.cu_seqlens_k, sequences.max_seqlen_q, sequences.max_seqlen_k,
-          sequences.seqused_q, sequences.seqused_k, return_lse=True, **kwargs)
+          sequences.seqused_q, sequences.seqused_k, return_lse=True, sinks=sinks, **kwargs)
     if case.backward:
       # lse as aux: it gets no cotangent, so the backward is the one every caller without return_lse gets.
-      out, vjp, lse = jax.vjp(ours, q, k, v, has_aux=True)
+      out, vjp, lse = jax.vjp(ours, q, k, v, sinks, has_aux=True)
       grads = vjp(dout)
     else:
-      (out, lse), grads = ours(q, k, v), ()
+      (out, lse), grads = ours(q, k, v, sinks), ()
     # Everything else reads its inputs through a barrier with our results, so it runs after our kernels: they write
     # into memory that, apart from their inputs, only the poisoning in run_check touched before.
     q, k, v, dout = jax.lax.optimization_barrier(((q, k, v, dout), (out, lse, grads)))[0]
     # The oracle: the blockwise reference on float32 copies of the same inputs, with its own blockwise backward
     # (memory linear in seqlen, cheap to compile), at full float32 matmul precision (JAX's default on GPUs is
-    # TF32, whose 10-bit mantissa is no better than the fp16 kernel under test).
+    # TF32, whose 10-bit mantissa is no better than the fp16 kernel under test). Sinks join it as they join the
+    # kernels' results (fa3_jax/sinks.py, checked against a dense oracle by the CPU tests).
     with jax.default_matmul_precision("highest"):
       ref_out, ref_lse = reference.varlen_forward(*as_f32(q, k, v), cfg, sequences)
-      ref_grads = (reference.varlen_backward(*as_f32(q, k, v), ref_out, ref_lse, dout.astype(jnp.float32), cfg,
-                                             sequences) if case.backward else ())
-    baseline = lambda q, k, v: same_precision_attention(q, k, v, cfg, sequences)
+      if sinks is not None:
+        ref_out, ref_lse = sinks_lib.apply(ref_out, ref_lse, sinks)
+      ref_grads = ()
+      if case.backward:
+        ref_grads = reference.varlen_backward(*as_f32(q, k, v), ref_out, ref_lse, dout.astype(jnp.float32), cfg,
+                                              sequences)
+        if sinks is not None:
+          ref_grads = (*ref_grads, sinks_lib.gradient(dout, ref_out, ref_lse, None, sinks))
+    baseline = lambda q, k, v, sinks: same_precision_attention(q, k, v, cfg, sequences, sinks)
     if case.backward:
-      pt_out, pt_vjp = jax.vjp(baseline, q, k, v)
+      pt_out, pt_vjp = jax.vjp(baseline, q, k, v, sinks)
       pt_grads = pt_vjp(dout)
     else:
-      pt_out, pt_grads = baseline(q, k, v), ()
+      pt_out, pt_grads = baseline(q, k, v, sinks), ()
     results = {"out": (out, ref_out, pt_out), "lse": (lse, ref_lse)}
-    results.update(zip(("dq", "dk", "dv"), zip(grads, ref_grads, pt_grads)))
+    results.update(zip(names, zip(grads, ref_grads, pt_grads)))
     return results
 
   arrays = [jax.ShapeDtypeStruct(shape, jnp.dtype(case.dtype)) for shape in _shapes(case)]
-  return jax.jit(program).lower(*arrays, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                                      _sequences(case)))
+  sinks = jax.ShapeDtypeStruct((case.heads,), jnp.float32) if case.sinks_scale > 0 else None
+  return jax.jit(program).lower(*arrays, sinks, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                             _sequences(case)))
 
 
 def compile_check(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
@@ -284,7 +304,7 @@ def compile_check(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
 def run_check(case: KernelCase, compiled: jax.stages.Compiled) -> list[tuple[bool, str]]:
   """Runs a compiled check of `case` on fresh inputs and judges out, lse (and dq, dk, dv) with the FA3 rule.
   Returns [(passed, message)]."""
-  inputs = [jax.device_put(x) for x in _inputs(case)]
+  inputs = [None if x is None else jax.device_put(x) for x in _inputs(case)]
   sequences = jax.device_put(_sequences(case))
   memory = compiled.memory_analysis()
   _poison_device_memory(memory.output_size_in_bytes + memory.temp_size_in_bytes)
@@ -297,9 +317,9 @@ def run_check(case: KernelCase, compiled: jax.stages.Compiled) -> list[tuple[boo
   lse_err = float(np.max(np.abs(lse[finite] - ref_lse[finite]), initial=0.0))
   judged.append((same_inf and lse_err <= 1e-3, f"lse: -inf rows match {same_inf}, max error {lse_err:.2e}"))
   judged += [fa3_check(name, *results[name], softcap=softcap, gradient=True)
-             for name in ("dq", "dk", "dv") if name in results]
+             for name in ("dq", "dk", "dv", "dsinks") if name in results]
   if case.packing is not None:
-    judged.append(_judge_uncovered_rows(case, results))
+    judged.append(_judge_uncovered_rows(case, results, inputs[4]))
   return judged
 
 
@@ -311,11 +331,13 @@ def _uncovered(case: KernelCase, side: str) -> np.ndarray:
   return ~((index >= offset) & (index < offset + length)).any(axis=1)
 
 
-def _judge_uncovered_rows(case: KernelCase, results) -> tuple[bool, str]:
-  """Rows of no sequence: out and dq exactly 0 and lse -inf; key rows of no sequence: dk and dv exactly 0."""
+def _judge_uncovered_rows(case: KernelCase, results, sinks) -> tuple[bool, str]:
+  """Rows of no sequence: out and dq exactly 0 and lse -inf (the sink with sinks); key rows of no sequence: dk and
+  dv exactly 0."""
   rows_q, rows_k = _uncovered(case, "q"), _uncovered(case, "k")
   ours = {name: np.asarray(results[name][0]) for name in ("out", "lse", "dq", "dk", "dv") if name in results}
-  exact = [np.all(ours["out"][rows_q] == 0), np.all(np.isneginf(ours["lse"][:, rows_q]))]
+  no_keys = -np.inf if sinks is None else np.asarray(sinks)[:, None]
+  exact = [np.all(ours["out"][rows_q] == 0), np.all(ours["lse"][:, rows_q] == no_keys)]
   exact += [np.all(ours[name][rows] == 0) for name, rows in (("dq", rows_q), ("dk", rows_k), ("dv", rows_k))
             if name in ours]
   return bool(all(exact)), (f"uncovered rows: {int(rows_q.sum())} query rows and {int(rows_k.sum())} key rows "
@@ -325,11 +347,14 @@ def _judge_uncovered_rows(case: KernelCase, results) -> tuple[bool, str]:
 def check_kernel(dtype, head_dim: int, head_dim_v: int, seqlen_q: int, seqlen_k: int, *, batch: int = 2,
                  heads: int = 6, kv_heads: int = 6, causal: bool = False, window_size=(-1, -1),
                  softcap: float = 0.0, backward: bool = True, deterministic: bool = False, seed: int = 0,
-                 packing: Packing | None = None) -> list[tuple[bool, str]]:
+                 packing: Packing | None = None, sinks_scale: float = 0.0,
+                 attention_chunk: int = 0) -> list[tuple[bool, str]]:
   """Runs flash_attn_func (the kernel, on a GPU build), or flash_attn_varlen_func with a packing (see KernelCase),
   and the float32 reference on fresh random inputs and checks out, lse and (with backward) dq, dk, dv with the FA3
-  rule. Returns [(passed, message)]."""
+  rule. Returns [(passed, message)]. sinks_scale > 0 adds random sinks of that scale (and checks their gradient);
+  attention_chunk as flash_attn_func's."""
   case = KernelCase(jnp.dtype(dtype).name, head_dim, head_dim_v, seqlen_q, seqlen_k, batch=batch, heads=heads,
                     kv_heads=kv_heads, causal=causal, window_size=tuple(window_size), softcap=softcap,
-                    backward=backward, deterministic=deterministic, seed=seed, packing=packing)
+                    backward=backward, deterministic=deterministic, seed=seed, packing=packing,
+                    sinks_scale=sinks_scale, attention_chunk=attention_chunk)
   return run_check(case, compile_check(lower_check(case)))

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1)):
-  """(seqlen_q, seqlen_k) bool, bottom-right aligned; -1 = unbounded."""
+def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1), chunk=0):
+  """(seqlen_q, seqlen_k) bool, bottom-right aligned; -1 = unbounded; chunk > 0: only keys of the query's chunk
+  (position // chunk, floor division)."""
   left, right = window
   if causal:
     right = 0
@@ -24,11 +25,14 @@ def visible_mask(seqlen_q, seqlen_k, causal=False, window=(-1, -1)):
     mask &= j >= i - left
   if right >= 0:
     mask &= j <= i + right
+  if chunk > 0:
+    mask &= i // chunk == j // chunk
   return mask
 
 
-def _dense(xp, q, k, v, scale, causal, window, softcap):
-  """Dense attention written straight from the semantics with array module xp: (out, lse)."""
+def _dense(xp, q, k, v, scale, causal, window, softcap, sinks=None, chunk=0):
+  """Dense attention written straight from the semantics with array module xp: (out, lse). sinks (h,): an extra
+  logit per head in every row's softmax, whose value is 0."""
   b, sq, h, d = q.shape
   sk, hk = k.shape[1], k.shape[2]
   scale = 1 / np.sqrt(d) if scale is None else scale
@@ -37,27 +41,37 @@ def _dense(xp, q, k, v, scale, causal, window, softcap):
   s = xp.einsum("bqhd,bkhd->bhqk", q, k) * scale
   if softcap > 0:
     s = softcap * xp.tanh(s / softcap)
-  mask = xp.asarray(visible_mask(sq, sk, causal, window))
+  mask = xp.asarray(visible_mask(sq, sk, causal, window, chunk))
   any_visible = mask.any(-1)[:, None]
   m = xp.where(any_visible, xp.where(mask, s, -np.inf).max(-1, keepdims=True), 0)
+  if sinks is not None:
+    sink = xp.asarray(sinks)[None, :, None, None]
+    m = xp.where(any_visible, xp.maximum(m, sink), sink)
   p = xp.where(mask, xp.exp(xp.where(mask, s, 0) - m), 0)
   l = p.sum(-1, keepdims=True)
+  if sinks is not None:
+    l = l + xp.exp(sink - m)
   l_safe = xp.where(l > 0, l, 1)
   out = xp.einsum("bhqk,bkhd->bqhd", p / l_safe, v)
   lse = xp.where(l > 0, xp.log(l_safe) + m, -np.inf)[..., 0]
   return out, lse
 
 
-def numpy_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0):
-  """float64 NumPy (out (b, s_q, h, d_v), lse (b, h, s_q)); rows without visible keys give 0 and -inf."""
+def numpy_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, sinks=None, chunk=0):
+  """float64 NumPy (out (b, s_q, h, d_v), lse (b, h, s_q)); rows without visible keys give 0 and -inf (with sinks:
+  0 and the sink)."""
   q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
-  return _dense(np, q, k, v, scale, causal, window, softcap)
+  sinks = None if sinks is None else np.asarray(sinks, np.float64)
+  return _dense(np, q, k, v, scale, causal, window, softcap, sinks, chunk)
 
 
-def dense_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0):
-  """float32 JAX dense attention (out only, in q's dtype), differentiable: the gradient oracle."""
-  out, _ = _dense(jnp, *(x.astype(jnp.float32) for x in (q, k, v)), scale, causal, window, softcap)
-  return out.astype(q.dtype)
+def dense_attention(q, k, v, scale=None, causal=False, window=(-1, -1), softcap=0.0, sinks=None, chunk=0,
+                    return_lse=False):
+  """float32 JAX dense attention (out in q's dtype, and lse with return_lse), differentiable: the gradient oracle
+  (in the sinks too)."""
+  out, lse = _dense(jnp, *(x.astype(jnp.float32) for x in (q, k, v)), scale, causal, window, softcap,
+                    None if sinks is None else sinks.astype(jnp.float32), chunk)
+  return (out.astype(q.dtype), lse) if return_lse else out.astype(q.dtype)
 
 
 def sequence_rows(cu_seqlens, seqused, max_seqlen, total):
@@ -72,17 +86,28 @@ def sequence_rows(cu_seqlens, seqused, max_seqlen, total):
   return rows
 
 
-def _per_sequence(xp, set_rows, q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, scale, causal, window, softcap):
-  """Packed (out (total_q, h, d_v), lse (h, total_q)): zeros / -inf, then each sequence's dense attention written
-  into its rows by set_rows(array, rows, value)."""
+def _no_keys_lse(xp, shape, dtype, sinks, heads_axis):
+  """The lse of rows that see no key: -inf, or the sink of their head."""
+  if sinks is None:
+    return xp.full(shape, -np.inf, dtype)
+  index = [None] * len(shape)
+  index[heads_axis] = slice(None)
+  return xp.asarray(sinks, dtype)[tuple(index)] + xp.zeros(shape, dtype)  # a writable copy
+
+
+def _per_sequence(xp, set_rows, q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, scale, causal, window, softcap,
+                  sinks, chunk):
+  """Packed (out (total_q, h, d_v), lse (h, total_q)): zeros / -inf (the sinks), then each sequence's dense
+  attention written into its rows by set_rows(array, rows, value)."""
   h, dv = q.shape[1], v.shape[-1]
   out = xp.zeros((q.shape[0], h, dv), q.dtype)
-  lse = xp.full((h, q.shape[0]), -np.inf, q.dtype)
+  lse = _no_keys_lse(xp, (h, q.shape[0]), q.dtype, sinks, 0)
   for (oq, lq), (ok, lk) in zip(sequence_rows(cu_q, used_q, max_q, q.shape[0]),
                                 sequence_rows(cu_k, used_k, max_k, k.shape[0])):
     if lq == 0 or lk == 0:  # no queries, or queries that see no key: 0 and -inf
       continue
-    o, l = _dense(xp, q[None, oq:oq + lq], k[None, ok:ok + lk], v[None, ok:ok + lk], scale, causal, window, softcap)
+    o, l = _dense(xp, q[None, oq:oq + lq], k[None, ok:ok + lk], v[None, ok:ok + lk], scale, causal, window, softcap,
+                  sinks, chunk)
     out = set_rows(out, (slice(oq, oq + lq),), o[0])
     lse = set_rows(lse, (slice(None), slice(oq, oq + lq)), l[0])
   return out, lse
@@ -94,21 +119,23 @@ def _numpy_set(x, index, value):
 
 
 def numpy_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q=None, used_k=None, scale=None, causal=False,
-                           window=(-1, -1), softcap=0.0):
+                           window=(-1, -1), softcap=0.0, sinks=None, chunk=0):
   """float64 NumPy per-sequence attention of packed q (total_q, h, d), k, v (total_k, h_k, d | d_v) with concrete
   cu_seqlens / seqused: (out (total_q, h, d_v), lse (h, total_q)); rows of no sequence give 0 and -inf."""
   q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+  sinks = None if sinks is None else np.asarray(sinks, np.float64)
   return _per_sequence(np, _numpy_set, q, k, v, cu_q, cu_k, max_q, max_k, used_q, used_k, scale, causal, window,
-                       softcap)
+                       softcap, sinks, chunk)
 
 
 def dense_varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, used_q=None, used_k=None, scale=None, causal=False,
-                           window=(-1, -1), softcap=0.0):
+                           window=(-1, -1), softcap=0.0, sinks=None, chunk=0):
   """float32 JAX per-sequence attention (out in q's dtype, lse float32), differentiable: the varlen gradient
   oracle. cu_seqlens / seqused must be concrete."""
   out, lse = _per_sequence(jnp, lambda x, index, value: x.at[index].set(value),
                            *(x.astype(jnp.float32) for x in (q, k, v)), cu_q, cu_k, max_q, max_k, used_q, used_k,
-                           scale, causal, window, softcap)
+                           scale, causal, window, softcap, None if sinks is None else sinks.astype(jnp.float32),
+                           chunk)
   return out.astype(q.dtype), lse
 
 
@@ -120,7 +147,7 @@ def segment_rows(q_ids, kv_ids):
           for b in range(q_ids.shape[0]) for x in np.unique(q_ids[b][q_ids[b] >= 0])]
 
 
-def _per_segment(xp, set_rows, q, k, v, q_ids, kv_ids, scale, causal, window, softcap):
+def _per_segment(xp, set_rows, q, k, v, q_ids, kv_ids, scale, causal, window, softcap, chunk=0):
   """BSHD (out, lse (b, h, s_q)): zeros / -inf, then each segment's dense attention (bottom-right aligned between its
   query and key positions) written into its query rows."""
   b, sq, h = q.shape[:3]
@@ -129,16 +156,18 @@ def _per_segment(xp, set_rows, q, k, v, q_ids, kv_ids, scale, causal, window, so
   for row, pq, pk in segment_rows(q_ids, kv_ids):
     if len(pk) == 0:
       continue
-    o, l = _dense(xp, q[row:row + 1, pq], k[row:row + 1, pk], v[row:row + 1, pk], scale, causal, window, softcap)
+    o, l = _dense(xp, q[row:row + 1, pq], k[row:row + 1, pk], v[row:row + 1, pk], scale, causal, window, softcap,
+                  chunk=chunk)
     out = set_rows(out, (row, pq), o[0])
     lse = set_rows(lse, (row, slice(None), pq), l[0].T)  # the int and the array index put the positions first
   return out, lse
 
 
-def numpy_segment_attention(q, k, v, q_ids, kv_ids, scale=None, causal=False, window=(-1, -1), softcap=0.0):
-  """float64 NumPy attention within segments of concrete ids: (out (b, s_q, h, d_v), lse (b, h, s_q))."""
+def numpy_segment_attention(q, k, v, q_ids, kv_ids, scale=None, causal=False, window=(-1, -1), softcap=0.0, chunk=0):
+  """float64 NumPy attention within segments of concrete ids: (out (b, s_q, h, d_v), lse (b, h, s_q)); chunk counts
+  positions from each segment's start."""
   q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
-  return _per_segment(np, _numpy_set, q, k, v, q_ids, kv_ids, scale, causal, window, softcap)
+  return _per_segment(np, _numpy_set, q, k, v, q_ids, kv_ids, scale, causal, window, softcap, chunk)
 
 
 def dense_segment_attention(q, k, v, q_ids, kv_ids, scale=None, causal=False, window=(-1, -1), softcap=0.0):
@@ -188,3 +217,9 @@ def out_and_lse_loss(out_shape, lse_shape, seed=1):
     return f
 
   return loss
+
+
+def mask_arguments(flash_kwargs):
+  """The oracles' (causal, window, softcap) keywords for flash_attn_func's causal / window_size / softcap ones."""
+  return dict(causal=flash_kwargs.get("causal", False), window=flash_kwargs.get("window_size", (-1, -1)),
+              softcap=flash_kwargs.get("softcap", 0.0))

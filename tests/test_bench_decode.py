@@ -1,29 +1,22 @@
 """benchmarks/bench_decode.py: its paged layout (in-process) and a `--quick` run on CPU (a subprocess, as a user
 would run it)."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+import benchmark_scripts
 
-
-def _bench_decode():
-  spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+bench_decode, SCRIPT = benchmark_scripts.load("bench_decode")
 
 
 def test_paged_cache_reads_back_through_its_page_table():
   cache = jnp.asarray(np.random.default_rng(0).standard_normal((3, 64, 2, 4)), jnp.float32)
-  pages, table = _bench_decode().paged(cache, 16)
+  pages, table = bench_decode.paged(cache, 16)
   assert pages.shape == (12, 16, 2, 4) and table.shape == (3, 4)
   assert sorted(np.asarray(table).ravel().tolist()) == list(range(12))
   np.testing.assert_array_equal(np.asarray(pages)[np.asarray(table)].reshape(cache.shape), np.asarray(cache))

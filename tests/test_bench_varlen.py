@@ -1,10 +1,8 @@
 """benchmarks/bench_varlen.py: its FLOP count, document mixes and layouts (in-process), and a `--quick` run on CPU
 (a subprocess, as a user would run it)."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,21 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import benchmark_scripts
 import fa3_jax
 from fa3_jax import benchmark
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_varlen.py"
-
-
-def _bench_varlen():
-  spec = importlib.util.spec_from_file_location("bench_varlen", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules.setdefault("bench_varlen", module)  # dataclasses look their module up by name
-  spec.loader.exec_module(module)
-  return module
-
-
-bench_varlen = _bench_varlen()
+bench_varlen, SCRIPT = benchmark_scripts.load("bench_varlen")
 
 
 def test_varlen_flops_are_the_sum_of_per_document_flops():

@@ -39,10 +39,16 @@ def _decode(step, prompts, prompt_lengths, steps, cache):
   return rows, histories, cache
 
 
+VARIANTS = {"causal": {}, "window": dict(local_window_size=(6, 0)),
+            "sinks_chunks": dict(use_sinks=True, attention_chunk=4)}
+
+
 @pytest.mark.parametrize("page_size", [None, 16, 5], ids=["contiguous", "paged16", "paged5"])
-@pytest.mark.parametrize("window", [None, (6, 0)], ids=["causal", "window"])
-def test_nnx_prefill_and_decode_match_a_full_recompute(page_size, window):
-  module = _nnx_module(local_window_size=window)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_nnx_prefill_and_decode_match_a_full_recompute(page_size, variant):
+  module = _nnx_module(**VARIANTS[variant])
+  if module.sinks is not None:
+    module.sinks[...] = jnp.asarray([1.0, -2.0, 0.5, 3.0])
   lengths = [3, 11, 1]
   prompts = _tokens(3, 11)
   cache = fa3_jax.KVCache.create(3, 40, KV_HEADS, HEAD_DIM, page_size=page_size)

@@ -187,6 +187,7 @@ class AttentionOptions:
   softmax_scale: float | None = None
   rope_theta: float | None = None
   dense_mask_fallback: bool = False
+  attention_chunk: int = 0
 
   def __post_init__(self):
     checked = dict(causal=_validate.check_bool("causal", self.causal),
@@ -194,15 +195,16 @@ class AttentionOptions:
                    softcap=_validate.check_softcap(self.softcap),
                    softmax_scale=check_positive_float("softmax_scale", self.softmax_scale, optional=True),
                    rope_theta=check_positive_float("rope_theta", self.rope_theta, optional=True),
-                   dense_mask_fallback=_validate.check_bool("dense_mask_fallback", self.dense_mask_fallback))
+                   dense_mask_fallback=_validate.check_bool("dense_mask_fallback", self.dense_mask_fallback),
+                   attention_chunk=_validate.check_attention_chunk(self.attention_chunk))
     for name, value in checked.items():
       object.__setattr__(self, name, value)  # frozen: store the normalised values
 
   def masking(self, causal: bool = False) -> jax_nn.Masking:
-    """The window and causality (self.causal or `causal`) as top-left Masking."""
+    """The window, causality (self.causal or `causal`) and chunks as top-left Masking."""
     left, right = self.local_window_size or (None, None)
     right = jax_nn._min_bound(right, 0 if (self.causal or causal) else None)  # pylint: disable=protected-access
-    return jax_nn.Masking(left=left, right=right)
+    return jax_nn.Masking(left=left, right=right, chunk=self.attention_chunk)
 
 
 def make_attention_fn(*, is_causal: bool = False, local_window_size=None, softcap: float = 0.0,
@@ -332,8 +334,10 @@ def module_config(*, num_heads, num_kv_heads, qkv_features, out_features, dtype,
 
 
 def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=None, kv_positions=None,
-                     query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None):
-  """The attention step of the modules: rotary, masking, fa3 attention. q (B, T, N, H), k/v (B, S, K, H).
+                     query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None,
+                     sinks=None):
+  """The attention step of the modules: rotary, masking, fa3 attention. q (B, T, N, H), k/v (B, S, K, H); sinks:
+  the module's (N,) sink logits, or None.
 
   The call arguments are checked against q/k/v here (the modules' docstrings give their shapes).
   """
@@ -373,7 +377,8 @@ def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=No
     mask = check_broadcastable("mask", mask, (b, n, t, s), "(batch|1, heads|1, q_len, kv_len)")
     mask = jnp.broadcast_to(mask, (b, *mask.shape[1:]))
     masking = masking_from_flax_mask(mask, masking, opts.dense_mask_fallback)
-  out, _ = jax_nn.attend(q, k, v, masking, scale=opts.softmax_scale, softcap=opts.softcap)
+  out, _ = jax_nn.attend(q, k, v, masking, scale=opts.softmax_scale, softcap=opts.softcap,
+                         sinks=None if sinks is None else sinks.astype(jnp.float32))
   return out
 
 
@@ -391,7 +396,7 @@ def check_cache_call(kv_cache, inputs_q, inputs_k, inputs_v, **others) -> None:
                      "tokens (rotary positions, visibility); pass query_seq_lengths for right-padded prompts")
 
 
-def module_cached_attention(opts: AttentionOptions, q, k, v, cache: KVCache, query_seq_lengths=None):
+def module_cached_attention(opts: AttentionOptions, q, k, v, cache: KVCache, query_seq_lengths=None, sinks=None):
   """The modules' decode step: q (B, T, N, H), k / v (B, T, K, H) of T new tokens per sequence join the cache at its
   lengths and attend everything so far. The new tokens sit at positions lengths + r: rotary turns them there, and
   the module's top-left causal / window bands become the kernel's bottom-right ones (the last query at the last
@@ -420,8 +425,12 @@ def module_cached_attention(opts: AttentionOptions, q, k, v, cache: KVCache, que
     positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
     q, k = (apply_rotary(x, positions, opts.rope_theta) for x in (q, k))
   window = (-1 if masking.left is None else masking.left, -1 if masking.right is None else masking.right)
+  # Chunks and sinks only where the module has them, so caches whose attend predates them still serve.
+  extras = {} if not opts.attention_chunk else dict(attention_chunk=opts.attention_chunk)
+  if sinks is not None:
+    extras["sinks"] = sinks.astype(jnp.float32)
   out, cache = cache.attend(q, k, v, num_new=query_seq_lengths, softmax_scale=opts.softmax_scale,
-                            window_size=window, softcap=opts.softcap)
+                            window_size=window, softcap=opts.softcap, **extras)
   if query_seq_lengths is not None:
     out = jnp.where(jnp.arange(t)[None, :, None, None] < query_seq_lengths[:, None, None, None], out, 0)
   return out, cache

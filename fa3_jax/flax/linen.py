@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fa3_jax import _validate
 from fa3_jax.flax import _common
 from fa3_jax.flax._common import apply_rotary, attention_fn, make_attention_fn
 
@@ -31,6 +32,9 @@ class MultiHeadAttention(nn.Module):
     causal, local_window_size (top-left, jax.nn convention), softcap, softmax_scale (default 1/sqrt(head_dim)),
     rope_theta (rotary base; None = no rotary), dtype (computation dtype; bfloat16/float16 run the kernels),
     param_dtype, use_bias, kernel_init, bias_init, dense_mask_fallback (see make_attention_fn).
+    use_sinks: learnable attention sinks (gpt-oss): a parameter `sinks` (num_heads,) of param_dtype, initialised to 0,
+      logical axes ("heads",) (flash_attn_func's sinks). attention_chunk: chunked local attention (Llama 4), top-left
+      like causal (see the nnx module).
   Bad attributes raise TypeError / ValueError on construction, naming the attribute (head_dim's rules, when
   qkv_features is left to the inputs, at the first call).
 
@@ -54,6 +58,8 @@ class MultiHeadAttention(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
   dense_mask_fallback: bool = False
+  use_sinks: bool = False
+  attention_chunk: int = 0
 
   def __post_init__(self):
     super().__post_init__()
@@ -65,7 +71,7 @@ class MultiHeadAttention(nn.Module):
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, qkv_features=qkv_features,
         out_features=self.out_features, dtype=self.dtype, causal=self.causal, local_window_size=self.local_window_size,
         softcap=self.softcap, softmax_scale=self.softmax_scale, rope_theta=self.rope_theta,
-        dense_mask_fallback=self.dense_mask_fallback)
+        dense_mask_fallback=self.dense_mask_fallback, attention_chunk=self.attention_chunk)
 
   @nn.compact
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
@@ -104,14 +110,18 @@ class MultiHeadAttention(nn.Module):
       q, k, v = (x.astype(self.dtype) for x in (q, k, v))
     axes = (_common.BATCH, _common.LENGTH, _common.HEADS, _common.KV)
     q, k, v = (nn.with_logical_constraint(x, axes) for x in (q, k, v))
+    sinks = None
+    if _validate.check_bool("use_sinks", self.use_sinks):
+      sinks = self.param("sinks", nn.with_logical_partitioning(nn.initializers.zeros_init(), (_common.HEADS,)),
+                         (num_heads,), self.param_dtype)
     if kv_cache is not None:
-      out, kv_cache = _common.module_cached_attention(options, q, k, v, kv_cache, query_seq_lengths)
+      out, kv_cache = _common.module_cached_attention(options, q, k, v, kv_cache, query_seq_lengths, sinks=sinks)
       out = out.astype(q.dtype)
     else:
       out = _common.module_attention(options, q, k, v, mask=mask, positions=positions, kv_positions=kv_positions,
                                      query_seq_lengths=query_seq_lengths,
                                      key_value_seq_lengths=key_value_seq_lengths,
-                                     segment_ids=segment_ids, max_segments=max_segments)
+                                     segment_ids=segment_ids, max_segments=max_segments, sinks=sinks)
     out = nn.with_logical_constraint(out, axes)
     out = nn.DenseGeneral(
         features=inputs_q.shape[-1] if self.out_features is None else self.out_features, axis=(-2, -1),

@@ -42,6 +42,10 @@ class MultiHeadAttention(nnx.Module):
       None = promoted from inputs and params. param_dtype: parameter dtype.
     kernel_init, bias_init, use_bias: as flax.nnx.MultiHeadAttention.
     dense_mask_fallback: see make_attention_fn.
+    use_sinks: learnable attention sinks (gpt-oss): a parameter `sinks` (num_heads,) of param_dtype, initialised
+      to 0 and annotated ("heads",), one extra logit per head in every softmax (flash_attn_func's sinks).
+    attention_chunk: int >= 0 (0: off), chunked local attention (Llama 4): token i attends token j only if
+      i // attention_chunk == j // attention_chunk (per document with segment_ids), on top of causal / window.
   Bad arguments raise TypeError / ValueError here (in __call__ for call arguments), naming the argument.
 
   Decoding: pass kv_cache=fa3_jax.KVCache.create(...) to `__call__`; it returns (out, next cache), which the
@@ -55,7 +59,8 @@ class MultiHeadAttention(nnx.Module):
                softcap: float = 0.0, softmax_scale: float | None = None, rope_theta: float | None = None,
                dtype=None, param_dtype=jnp.float32, use_bias: bool = True,
                kernel_init=nnx.initializers.lecun_normal(), bias_init=nnx.initializers.zeros_init(),
-               dense_mask_fallback: bool = False, rngs: nnx.Rngs):
+               dense_mask_fallback: bool = False, use_sinks: bool = False, attention_chunk: int = 0,
+               rngs: nnx.Rngs):
     in_features = _validate.check_int("in_features", in_features, 1)
     in_kv_features = (in_features if in_kv_features is None
                       else _validate.check_int("in_kv_features", in_kv_features, 1))
@@ -64,7 +69,7 @@ class MultiHeadAttention(nnx.Module):
         num_heads=num_heads, num_kv_heads=num_kv_heads,
         qkv_features=in_features if qkv_features is None else qkv_features, out_features=out_features, dtype=dtype,
         causal=causal, local_window_size=local_window_size, softcap=softcap, softmax_scale=softmax_scale,
-        rope_theta=rope_theta, dense_mask_fallback=dense_mask_fallback)
+        rope_theta=rope_theta, dense_mask_fallback=dense_mask_fallback, attention_chunk=attention_chunk)
     self.in_features, self.in_kv_features = in_features, in_kv_features
     self.dtype = dtype
     linear = functools.partial(
@@ -79,6 +84,11 @@ class MultiHeadAttention(nnx.Module):
         use_bias=use_bias,
         kernel_init=_annotated(kernel_init, (_common.HEADS, _common.KV, _common.EMBED)),
         bias_init=_annotated(bias_init, (_common.EMBED,)), rngs=rngs)
+    if _validate.check_bool("use_sinks", use_sinks):
+      self.sinks = nnx.Param(_annotated(nnx.initializers.zeros_init(), (_common.HEADS,))(
+          rngs.params(), (self.num_heads,), param_dtype))
+    else:
+      self.sinks = None
 
   def __call__(self, inputs_q, inputs_k=None, inputs_v=None, *, mask=None, positions=None, kv_positions=None,
                query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None, max_segments=None,
@@ -110,11 +120,13 @@ class MultiHeadAttention(nnx.Module):
     q, k, v = self.query(inputs_q), self.key(inputs_k), self.value(inputs_v)
     if self.dtype is not None:
       q, k, v = (x.astype(self.dtype) for x in (q, k, v))
+    sinks = None if self.sinks is None else self.sinks[...]
     if kv_cache is not None:
-      out, kv_cache = _common.module_cached_attention(self.options, q, k, v, kv_cache, query_seq_lengths)
+      out, kv_cache = _common.module_cached_attention(self.options, q, k, v, kv_cache, query_seq_lengths,
+                                                      sinks=sinks)
       return self.out(out.astype(q.dtype)), kv_cache
     out = _common.module_attention(self.options, q, k, v, mask=mask, positions=positions,
                                    kv_positions=kv_positions, query_seq_lengths=query_seq_lengths,
                                    key_value_seq_lengths=key_value_seq_lengths,
-                                   segment_ids=segment_ids, max_segments=max_segments)
+                                   segment_ids=segment_ids, max_segments=max_segments, sinks=sinks)
     return self.out(out)
