@@ -224,6 +224,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
 
   keys, values = _keys(k_cache, batch_idx, page_table), _keys(v_cache, batch_idx, page_table)
   length = cache_seqlens + seqlen_new
+  keys_per_row = capacity if not cfg.attention_chunk else min(capacity, cfg.attention_chunk)  # for the split count
   if cfg.attention_chunk and seqlen_q == 1:
     # The row sits at the last key, so its chunk is a start for its keys: the call stays BSHD in q (split-KV, GQA
     # packing) instead of running each chunk as a sequence.
@@ -241,7 +242,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
   heads, kv_heads = q.shape[2], k_cache.shape[2]
   pack = _pack_gqa.choose(pack_gqa, cfg, seqlen_q, heads, kv_heads)
   rows, tile_heads = (seqlen_q * (heads // kv_heads), kv_heads) if pack else (seqlen_q, heads)
-  cfg = dataclasses.replace(cfg, num_splits=_split_kv.resolve(num_splits, b, tile_heads, rows, capacity,
+  cfg = dataclasses.replace(cfg, num_splits=_split_kv.resolve(num_splits, b, tile_heads, rows, keys_per_row,
                                                               q.shape[-1], v_cache.shape[-1]))
   if 0 in (b, seqlen_q, heads):
     out = jnp.zeros((*q.shape[:3], v_cache.shape[-1]), q.dtype)

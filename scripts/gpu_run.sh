@@ -3,7 +3,7 @@
 # (cuda/tests/run_fwd_check.sh and run_bwd_check.sh build and run the kernels' standalone checkers, without JAX;
 # cuda/tests/run_fwd_ab.sh times the forward of several source trees in interleaved rounds.)
 #
-#   scripts/gpu_run.sh [build] [check] [sanitize] [test] [example] [bench] [bench-quick] [readme]
+#   scripts/gpu_run.sh [build] [check] [sanitize] [test] [example] [bench] [bench-quick] [bench-variants] [readme]
 #   (default: build check test bench; readme installs as the README says, removing stage build's in-place module)
 #
 # Environment: OUT (results folder, default ./gpu_out), FA3_JAX_HEAD_DIMS / FA3_JAX_DTYPES / FA3_JAX_DIRECTIONS
@@ -85,6 +85,11 @@ for stage in "${stages[@]}"; do
     python3 benchmarks/bench_attention.py --head-dims ${BENCH_HEAD_DIMS:-128} --seqlens 2048 8192 --repeats 3 \
       --out "$OUT/bench" > "$OUT/bench.log" 2>&1 || status=1
     cat "$OUT/bench/results.md"
+    ;;
+  bench-variants)
+    # Sinks against the plain call, chunks against the matching sliding window (benchmarks/bench_variants.py).
+    python3 benchmarks/bench_variants.py --out "$OUT/variants" ${VARIANTS_ARGS:-} > "$OUT/variants.log" 2>&1 || status=1
+    cat "$OUT/variants/results.md"
     ;;
   readme)
     # The README's Hopper install and first result as a new user types them, in the image's Python (which has jax,

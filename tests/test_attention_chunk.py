@@ -3,6 +3,7 @@ point, and the kernels' rewriting of chunks as sequences of a packing (fa3_jax._
 checked on CPU by running that packing on the reference's varlen path; plus sharding, the cuda lowering and errors."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -258,3 +259,33 @@ def test_chunks_longer_than_any_sequence_clamp_to_the_same_rule():
   cfg = _validate.attention_config(16, None, False, (-1, -1), 0.0, False, 2**40)
   assert cfg.attention_chunk == _validate.MAX_SEQLEN
   assert dataclasses.replace(cfg, attention_chunk=0) != cfg
+
+
+def test_vmapped_varlen_and_kvcache_chunks_lower_for_cuda(monkeypatch):
+  # The chunk packing is computed from traced layouts under vmap, then folded like any packing.
+  monkeypatch.setattr(_extension, "compiled_kernels", lambda direction: ALL_KERNELS)
+  q, k = jax.ShapeDtypeStruct((3, 200, 4, 64), jnp.bfloat16), jax.ShapeDtypeStruct((3, 260, 2, 64), jnp.bfloat16)
+  cu = jax.ShapeDtypeStruct((3, 3), jnp.int32)
+  varlen = lambda q, k, v, cu_q, cu_k: fa3_jax.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 150, 200, causal=True,
+                                                                     attention_chunk=64)
+  text = jax.jit(jax.vmap(varlen)).trace(q, k, k, cu, cu).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("@fa3_jax_fwd(") == 1
+  cache = jax.ShapeDtypeStruct((3, 300, 2, 64), jnp.bfloat16)
+  one_row = jax.ShapeDtypeStruct((3, 1, 4, 64), jnp.bfloat16)
+  decode = lambda q, k, v: fa3_jax.flash_attn_with_kvcache(q, k, v, cache_seqlens=250, attention_chunk=64,
+                                                           sinks=jnp.zeros((4,)))
+  text = jax.jit(decode).trace(one_row, cache, cache).lower(lowering_platforms=("cuda",)).as_text()
+  (call,) = [line for line in text.splitlines() if "@fa3_jax_fwd(" in line]
+  # A single decoding row: packed GQA (2 kv heads of 2 rows), keys packed from each row's chunk start.
+  assert "tensor<3x2x2x64xbf16>" in call and "with_cu_seqlens_k = true" in call
+  assert "with_cu_seqlens_q = false" in call
+
+
+def test_decoding_splits_follow_the_chunk_not_the_capacity(monkeypatch):
+  # 1 x 8 heads over a 64k cache would split 64 ways; a 1024-key chunk leaves 8 key blocks, so at most 4 splits.
+  monkeypatch.setattr(_extension, "compiled_kernels", lambda direction: ALL_KERNELS)
+  q = jax.ShapeDtypeStruct((1, 1, 8, 128), jnp.bfloat16)
+  cache = jax.ShapeDtypeStruct((1, 65536, 8, 128), jnp.bfloat16)
+  splits = lambda **kw: int(re.search(r"num_splits = (\d+)", jax.jit(lambda q, k, v: fa3_jax.flash_attn_with_kvcache(
+      q, k, v, pack_gqa=False, **kw)).trace(q, cache, cache).lower(lowering_platforms=("cuda",)).as_text()).group(1))
+  assert splits() > 8 and 1 < splits(attention_chunk=1024) <= 4
