@@ -6,7 +6,7 @@ attend only its keys [cC, (c+1)C) (AttentionConfig: query i sits at p = i + len_
 of the sequence's rows, so chunk c is a sequence of a packing whose queries are the rows
 [max(cC - shift, 0), min((c+1)C - shift, len_q)) (shift = len_k - len_q) and whose keys are the rows
 [cC, min((c+1)C, len_k)). Bottom-right alignment inside it keeps every query-key distance, so causal, windows and
-softcap apply unchanged, and the kernels' block skipping then skips everything outside the chunks exactly.
+softcap apply unchanged, and the kernels visit only the key blocks of each chunk.
 Queries at negative positions belong to no chunk: 0 and -inf, as the rule says.
 
 Both sides of the result are packed (a BSHD side is its batch rows back to back, sequence b at b * seqlen). A
@@ -22,25 +22,21 @@ import jax.numpy as jnp
 from fa3_jax._config import SequenceLayout
 
 
-def _side(sequences: SequenceLayout, side: str, packed: bool, rows: int, batch: int):
-  """(offset, length) (batch,) int32 of one side's sequences in its packed rows; rows is a packed side's total or a
-  BSHD side's seqlen."""
+def _side(sequences: SequenceLayout, side: str, rows: int, batch: int):
+  """(offset, length) (batch,) int32 of one side's sequences in its packed rows, the side's rows in all and its
+  bound on a length. rows is a packed side's total or a BSHD side's seqlen."""
   offset, length = sequences.extents(side, rows)
-  if packed:
-    return offset, length
+  if getattr(sequences, f"packed_{side}"):
+    return offset, length, rows, getattr(sequences, f"max_seqlen_{side}")
   offset = rows * jnp.arange(batch, dtype=jnp.int32)
-  return offset, jnp.full((batch,), rows, jnp.int32) if length is None else length
+  return offset, jnp.full((batch,), rows, jnp.int32) if length is None else length, batch * rows, rows
 
 
 def chunk_layout(sequences: SequenceLayout, chunk: int, rows_q: int, rows_k: int, batch: int) -> SequenceLayout:
   """The packing of every chunk of `sequences` (not segmented; `batch` sequences) as one sequence. rows_q / rows_k:
   a packed side's total rows, or a BSHD side's seqlen (its tensors merge to batch * seqlen rows)."""
-  total_q = rows_q if sequences.packed_q else batch * rows_q
-  total_k = rows_k if sequences.packed_k else batch * rows_k
-  max_q = sequences.max_seqlen_q if sequences.packed_q else rows_q
-  max_k = sequences.max_seqlen_k if sequences.packed_k else rows_k
-  offset_q, length_q = _side(sequences, "q", sequences.packed_q, rows_q, batch)
-  offset_k, length_k = _side(sequences, "k", sequences.packed_k, rows_k, batch)
+  offset_q, length_q, total_q, max_q = _side(sequences, "q", rows_q, batch)
+  offset_k, length_k, total_k, max_k = _side(sequences, "k", rows_k, batch)
 
   chunks = (length_k + chunk - 1) // chunk
   slots = max(1, min(batch + total_k // chunk, batch * -(-max_k // chunk)))

@@ -383,8 +383,7 @@ class PackedRun:
     if sequences.segmented:
       sequences, rows_q, rows_k = segment_packing(sequences), q.shape[0] * q.shape[1], k.shape[0] * k.shape[1]
     if cfg.attention_chunk:
-      _, length = sequences.extents("q", rows_q)
-      batch = q.shape[0] if length is None else length.shape[0]
+      batch = _problem_sizes(q, k, sequences)[0]
       sequences = _chunks.chunk_layout(sequences, cfg.attention_chunk, rows_q, rows_k, batch)
     return cls(dataclasses.replace(cfg, attention_chunk=0), sequences, q_batch, k_batch)
 

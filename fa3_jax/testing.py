@@ -304,11 +304,12 @@ def compile_check(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
 def run_check(case: KernelCase, compiled: jax.stages.Compiled) -> list[tuple[bool, str]]:
   """Runs a compiled check of `case` on fresh inputs and judges out, lse (and dq, dk, dv) with the FA3 rule.
   Returns [(passed, message)]."""
-  inputs = [None if x is None else jax.device_put(x) for x in _inputs(case)]
+  *tensors, sinks = _inputs(case)
+  tensors, sinks = [jax.device_put(x) for x in tensors], None if sinks is None else jax.device_put(sinks)
   sequences = jax.device_put(_sequences(case))
   memory = compiled.memory_analysis()
   _poison_device_memory(memory.output_size_in_bytes + memory.temp_size_in_bytes)
-  results = compiled(*inputs, sequences)
+  results = compiled(*tensors, sinks, sequences)
   softcap = case.softcap > 0
   judged = [fa3_check("out", *results["out"], softcap=softcap)]
   lse, ref_lse = (np.asarray(x) for x in results["lse"])
@@ -319,7 +320,7 @@ def run_check(case: KernelCase, compiled: jax.stages.Compiled) -> list[tuple[boo
   judged += [fa3_check(name, *results[name], softcap=softcap, gradient=True)
              for name in ("dq", "dk", "dv", "dsinks") if name in results]
   if case.packing is not None:
-    judged.append(_judge_uncovered_rows(case, results, inputs[4]))
+    judged.append(_judge_uncovered_rows(case, results, sinks))
   return judged
 
 

@@ -378,7 +378,7 @@ def module_attention(opts: AttentionOptions, q, k, v, *, mask=None, positions=No
     mask = jnp.broadcast_to(mask, (b, *mask.shape[1:]))
     masking = masking_from_flax_mask(mask, masking, opts.dense_mask_fallback)
   out, _ = jax_nn.attend(q, k, v, masking, scale=opts.softmax_scale, softcap=opts.softcap,
-                         sinks=None if sinks is None else sinks.astype(jnp.float32))
+                         sinks=_validate.check_sinks(sinks, n))
   return out
 
 
@@ -428,7 +428,7 @@ def module_cached_attention(opts: AttentionOptions, q, k, v, cache: KVCache, que
   # Chunks and sinks only where the module has them, so caches whose attend predates them still serve.
   extras = {} if not opts.attention_chunk else dict(attention_chunk=opts.attention_chunk)
   if sinks is not None:
-    extras["sinks"] = sinks.astype(jnp.float32)
+    extras["sinks"] = sinks
   out, cache = cache.attend(q, k, v, num_new=query_seq_lengths, softmax_scale=opts.softmax_scale,
                             window_size=window, softcap=opts.softcap, **extras)
   if query_seq_lengths is not None:
