@@ -96,6 +96,12 @@ class SequenceLayout:
   (segments), and a segment's queries attend the key run of the same id in the same row (docs/integration.md §4.9).
   max_segments, static, bounds the runs of any row. The shard-local ops run it as the packing of the batch's rows
   back to back (`fa3_jax._segments.packing`), so batch and heads shard like a dense call's.
+
+  A paged layout (page_table (batch, pages_per_seq) int32, with q BSHD and optionally seqused_k; nothing else) keeps
+  the keys in pages shared by all sequences: k and v are (num_pages, page_size, kv_heads, dim) and sequence b's key
+  j is row j % page_size of page page_table[b, j // page_size] (`unpaged` writes that rule once), so its keys are
+  pages_per_seq * page_size long at most. Table entries outside [0, num_pages) read some page, never outside k.
+  Forward only (KV caches, docs/integration.md §4.7).
   """
 
   cu_seqlens_q: jax.Array | None = None
@@ -106,6 +112,7 @@ class SequenceLayout:
   # of q serve both sides (self-attention).
   segment_ids_q: jax.Array | None = None
   segment_ids_k: jax.Array | None = None
+  page_table: jax.Array | None = None  # paged keys
   max_seqlen_q: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed q only
   max_seqlen_k: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # packed k only
   max_segments: int | None = dataclasses.field(default=None, metadata=dict(static=True))  # segmented only
@@ -123,15 +130,37 @@ class SequenceLayout:
     return self.segment_ids_q is not None
 
   @property
+  def paged(self) -> bool:
+    return self.page_table is not None
+
+  @property
   def uniform(self) -> bool:
-    """Every sequence is its batch entry's whole seqlen (BSHD on both sides, no seqused, no segments)."""
-    return all(getattr(self, name) is None for name in SEQUENCE_ARRAYS) and not self.segmented
+    """Every sequence is its batch entry's whole seqlen (BSHD on both sides, no seqused, no segments, no pages)."""
+    return all(getattr(self, name) is None for name in SEQUENCE_ARRAYS) and not (self.segmented or self.paged)
 
   @property
   def batch_aligned(self) -> bool:
-    """Sequence b lies in batch entry b on both sides (no side packed): uniform, seqused-only or segmented layouts,
-    which shard over the batch like a dense call."""
-    return not (self.packed_q or self.packed_k)
+    """Sequence b lies in batch entry b on both sides (no side packed, keys not in shared pages): uniform,
+    seqused-only or segmented layouts, which shard over the batch like a dense call."""
+    return not (self.packed_q or self.packed_k or self.paged)
+
+  def key_rows(self, k) -> int:
+    """Rows per sequence of the k side as `extents` counts them: a packed side's total, a paged side's pages per
+    sequence times page_size, a BSHD side's seqlen (leading vmapped axes of k allowed)."""
+    return k.shape[-3] * (self.page_table.shape[-1] if self.paged else 1)
+
+  def unpaged(self, k, v):
+    """(k, v, layout) with the paged keys gathered into BSHD (batch, pages_per_seq * page_size, kv_heads, dim) and
+    the table dropped: the paging rule, written once. Other layouts come back unchanged."""
+    if not self.paged:
+      return k, v, self
+    table = self.page_table.astype(jnp.int32)
+
+    def gather(x):  # (num_pages, page_size, ...) -> (batch, pages_per_seq * page_size, ...)
+      pages = jnp.take(x, table, axis=0, mode="clip")
+      return pages.reshape(table.shape[0], -1, *x.shape[2:])
+
+    return gather(k), gather(v), dataclasses.replace(self, page_table=None)
 
   def arrays(self) -> dict:
     """The arrays by name (absent ones None), in the kernels' operand order."""

@@ -214,11 +214,12 @@ def _split_lse(x, n: int, packed: bool):
   return jnp.moveaxis(x.reshape(x.shape[0], n, -1), 1, 0) if packed else _split(x, n)
 
 
-def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int) -> SequenceLayout:
+def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int, pages: int = 0) -> SequenceLayout:
   """The layout of n problems run as one, from their layout (every array with a leading axis of n). A packed side
   (rows_q / rows_k rows per copy) becomes one packing of n * batch sequences, copy i's offsets shifted by i * rows
   and every length explicit (seqused, clipped as in its copy), so that rows past a copy's cu_seqlens[-1] stay
-  uncovered; a BSHD side's seqused, and a segmented layout's segments, concatenate like its batch."""
+  uncovered; a BSHD side's seqused, and a segmented layout's segments, concatenate like its batch; a paged
+  layout's tables too, copy i's entries shifted by i * pages (the pages per copy, which merge like a batch)."""
   def side(name, rows):
     offset, length = sequences.extents(name, rows)
     if offset is None:
@@ -229,14 +230,18 @@ def fold_sequences(n: int, sequences: SequenceLayout, rows_q: int, rows_k: int) 
   if sequences.segmented:  # BSHD sides: the copies' rows (and their segment ids) are more batch rows
     return jax.tree.map(_merge, sequences)
   (cu_q, used_q), (cu_k, used_k) = side("q", rows_q), side("k", rows_k)
-  return dataclasses.replace(sequences, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k)
+  table = sequences.page_table
+  if table is not None:
+    table = _merge(table + pages * jnp.arange(n, dtype=table.dtype)[:, None, None])
+  return dataclasses.replace(sequences, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k,
+                             page_table=table)
 
 
 def _folded_sequences(n: int, sequences: SequenceLayout, q, k) -> SequenceLayout:
-  """fold_sequences of n copies of q and k (leading axis n): a packed side's rows per copy are its total (dim 1), a
-  BSHD side's are its seqlen (dim 2, after the batch)."""
-  rows = lambda x, packed: x.shape[1] if packed else x.shape[2]
-  return fold_sequences(n, sequences, rows(q, sequences.packed_q), rows(k, sequences.packed_k))
+  """fold_sequences of n copies of q and k (leading axis n; k's rows per copy: SequenceLayout.key_rows, and its
+  pages where paged)."""
+  rows_q = q.shape[1] if sequences.packed_q else q.shape[2]
+  return fold_sequences(n, sequences, rows_q, sequences.key_rows(k), k.shape[1] if sequences.paged else 0)
 
 
 def fold_fwd(n: int, q, k, v, sequences):
@@ -412,6 +417,7 @@ def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = Seq
   on the kernels as a PackedRun and on the reference as they are (it masks by segment and chunk); a segmented
   layout is shard-local here, so the batch may have been sharded above."""
   def kernel_fwd(q, k, v, sequences):
+    k, v, sequences = sequences.unpaged(k, v)  # the kernels read BSHD or packed keys, not pages yet
     run = PackedRun.of(q, k, cfg, sequences)
     if run is None:
       return fwd_kernel(q, k, v, cfg, sequences)
@@ -425,7 +431,10 @@ def attention_fwd(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout = Seq
 def attention_bwd(dout, q, k, v, out, lse, cfg: AttentionConfig, dlse=None,
                   sequences: SequenceLayout = SequenceLayout()):
   """(dq, dk, dv): the CUDA kernel on a GPU where one was built for these inputs, else the reference. dlse (lse's
-  cotangent, lse's shape, float32) is optional. Segmented layouts and chunked rules as in attention_fwd."""
+  cotangent, lse's shape, float32) is optional. Segmented layouts and chunked rules as in attention_fwd; paged ones
+  are forward-only."""
+  if sequences.paged:
+    raise NotImplementedError("paged keys (page_table) are forward-only: flash_attn_with_kvcache has no gradient")
   def kernel_bwd(dout, q, k, v, out, lse, dlse, sequences):
     run = PackedRun.of(q, k, cfg, sequences)
     if run is None:

@@ -4,7 +4,9 @@ The call is three steps: rotary on the new keys and the queries (fa3_jax.rotary)
 values into the caches (an XLA scatter, in place when the caches are donated under jit), and a forward-only
 attention over each sequence's keys [cache_leftpad, cache_seqlens + seqlen_new) as a sequence layout
 (docs/integration.md §4.8): keys BSHD with seqused_k, or, with cache_leftpad, the same buffer as packed keys whose
-sequence b starts at b * capacity + leftpad. Paged caches and cache_batch_idx gather each sequence's keys first.
+sequence b starts at b * capacity + leftpad; paged caches as a paged layout (the pages and their table), which the
+kernels still gather per shard; with cache_leftpad, paged caches and cache_batch_idx gather each sequence's keys
+first.
 
 KVCache holds a cache with its lengths as one pytree, for decoding loops and the Flax modules' decode path.
 """
@@ -113,12 +115,9 @@ def _append(cache, new, start, batch_idx, page_table):
   return cache.at[page, pos % page_size].set(new, mode="drop")
 
 
-def _keys(cache, batch_idx, page_table):
-  """Each sequence's cache rows (batch, capacity, kv_heads, dim)."""
-  if page_table is None:
-    return cache if batch_idx is None else jnp.take(cache, batch_idx, axis=0, mode="clip")
-  pages = jnp.take(cache, page_table.astype(jnp.int32), axis=0, mode="clip")  # (batch, max_pages, page, ...)
-  return pages.reshape(pages.shape[0], -1, *cache.shape[2:])
+def _keys(cache, batch_idx):
+  """Each sequence's rows of a contiguous cache (batch, capacity, kv_heads, dim)."""
+  return cache if batch_idx is None else jnp.take(cache, batch_idx, axis=0, mode="clip")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -165,8 +164,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
   Returns:
     out (batch, seqlen_q, heads, head_dim_v); (out, lse) with return_lse; with k / v given, also the updated caches:
     (out, k_cache, v_cache) or (out, lse, k_cache, v_cache). Under jit with the caches donated the update reuses
-    their buffers. Differentiating raises NotImplementedError. Paged caches and cache_batch_idx gather each
-    sequence's keys into a temporary (batch, capacity, ...) array until a decode kernel reads the pages itself.
+    their buffers. Differentiating raises NotImplementedError. Paged caches (and, with cache_leftpad or
+    cache_batch_idx, contiguous ones) gather each sequence's keys into a temporary (batch, capacity, ...) array
+    until the forward kernel reads the pages itself.
   """
   paged, capacity = _check_cache_args(q, k_cache, v_cache, k, v, page_table)
   q, k_cache, v_cache = (jnp.asarray(x) for x in (q, k_cache, v_cache))
@@ -222,7 +222,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     pos = jnp.broadcast_to(pos, (b, seqlen_q))
     q = rotary.rotate(q, at_positions(rotary_cos, pos), at_positions(rotary_sin, pos), rotary_interleaved)
 
-  keys, values = _keys(k_cache, batch_idx, page_table), _keys(v_cache, batch_idx, page_table)
   length = cache_seqlens + seqlen_new
   keys_per_row = capacity if not cfg.attention_chunk else min(capacity, cfg.attention_chunk)  # for the split count
   if cfg.attention_chunk and seqlen_q == 1:
@@ -232,9 +231,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     last = jnp.maximum(length - first - 1, 0)
     leftpad = first + last // cfg.attention_chunk * cfg.attention_chunk
     cfg = dataclasses.replace(cfg, attention_chunk=0)
-  if leftpad is None:
-    sequences = SequenceLayout(seqused_k=length)
+  if paged:
+    keys, values, sequences = k_cache, v_cache, SequenceLayout(seqused_k=length, page_table=page_table.astype(jnp.int32))
   else:
+    keys, values, sequences = _keys(k_cache, batch_idx), _keys(v_cache, batch_idx), SequenceLayout(seqused_k=length)
+  if leftpad is not None:
+    # Sequence b's keys start at cache_leftpad[b]: each sequence's rows back to back, as packed keys.
+    keys, values, _ = sequences.unpaged(keys, values)
     starts = jnp.arange(b, dtype=jnp.int32) * capacity + leftpad
     sequences = SequenceLayout(cu_seqlens_k=jnp.concatenate([starts, jnp.full((1,), b * capacity, jnp.int32)]),
                                seqused_k=jnp.maximum(length - leftpad, 0), max_seqlen_k=capacity)

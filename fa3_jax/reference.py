@@ -246,7 +246,9 @@ def _segment_ids(sequences: SequenceLayout):
 def varlen_forward(q, k, v, cfg: AttentionConfig, sequences: SequenceLayout, block_k: int = DEFAULT_BLOCK_K):
   """attention_forward under a SequenceLayout: (out, lse) in q's layout (packed: (total_q, h, d_v) and
   (h, total_q)); rows of no sequence give 0 and -inf. A uniform layout is attention_forward itself; a segmented
-  one keeps its BSHD tensors and masks by segment, so that its memory does not grow with max_segments."""
+  one keeps its BSHD tensors and masks by segment, so that its memory does not grow with max_segments; a paged one
+  gathers its keys (SequenceLayout.unpaged)."""
+  k, v, sequences = sequences.unpaged(k, v)
   if sequences.segmented:
     return attention_forward(q, k, v, cfg, block_k, segment_ids=_segment_ids(sequences))
   pq, pk = paddings(sequences, q, k)

@@ -21,7 +21,8 @@ Packed calls (cu_seqlens on a side) shard over heads only: their sequences run a
 batch and the cu_seqlens / seqused arrays stay replicated (docs/integration.md §4.8). Layouts that keep sequence b
 in batch entry b on both sides (`SequenceLayout.batch_aligned`: seqused only, as jax.nn's lengths and KV caches
 give, or segment ids) shard over batch and heads, their arrays split with the batch; a segmented shard packs its own
-rows (`_ops.attention_fwd`). Only uniform calls without attention_chunk shard the sequence.
+rows (`_ops.attention_fwd`). Paged layouts (KV caches in pages that any sequence may own) shard over heads only,
+the pages and their table replicated. Only uniform calls without attention_chunk shard the sequence.
 """
 
 from __future__ import annotations
@@ -285,14 +286,16 @@ def _heads_factors(mesh, h: int, hk: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Factors:
-  """Shardy rule fragments of one call: q-like tensors ("b s H dim", packed "s H dim"), k-like ones, lse, the
-  sequence-layout operands (cu_seqlens: batch + 1 entries, factor c; seqused: the batch factor b; segment ids: "b s"
-  and "b t", q's and k's rows), and the factors that need replication: the head dims, and under a non-uniform
-  sequence layout the token axes too, and under a packed one all but the heads."""
+  """Shardy rule fragments of one call: q-like tensors ("b s H dim", packed "s H dim"), k-like ones (paged:
+  "p t H dim", pages of t rows), lse, the sequence-layout operands (cu_seqlens: batch + 1 entries, factor c;
+  seqused: the batch factor b; segment ids: "b s" and "b t", q's and k's rows; page_table "b n", n pages per
+  sequence), and the factors that need replication: the head dims, and under a non-uniform sequence layout the
+  token axes too, and under a packed or paged one all but the heads."""
   hq: str
   hkv: str
   packed_q: bool
   packed_k: bool
+  paged: bool
   sequences: tuple[str, ...]
   replicated: frozenset
   sizes: dict
@@ -301,7 +304,7 @@ class _Factors:
     return f"{'' if self.packed_q else 'b '}s {self.hq} {dim}"
 
   def kv(self, dim: str) -> str:
-    return f"{'' if self.packed_k else 'b '}t {self.hkv} {dim}"
+    return f"{'' if self.packed_k else 'p ' if self.paged else 'b '}t {self.hkv} {dim}"
 
   @property
   def lse(self) -> str:
@@ -325,11 +328,12 @@ def _factors(mesh, q_type, k_type, sequences: SequenceLayout, cfg: AttentionConf
   hq, hkv, sizes = _heads_factors(mesh, q_type.shape[-2], k_type.shape[-2])
   # One rule fragment per leaf of the layout, in its pytree order (the dataclass's field order).
   kinds = {"cu_seqlens_q": "c", "cu_seqlens_k": "c", "seqused_q": "b", "seqused_k": "b", "segment_ids_q": "b s",
-           "segment_ids_k": "b t"}
+           "segment_ids_k": "b t", "page_table": "b n"}
   operands = tuple(kinds[field.name] for field in dataclasses.fields(sequences)
                    if not field.metadata.get("static") and getattr(sequences, field.name) is not None)
-  replicated = ("de" if sequence_shardable(cfg, sequences) else "dest" if sequences.batch_aligned else "debstc")
-  return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, operands, frozenset(replicated), sizes)
+  replicated = ("de" if sequence_shardable(cfg, sequences) else "dest" if sequences.batch_aligned else "debstcpn")
+  return _Factors(hq, hkv, sequences.packed_q, sequences.packed_k, sequences.paged, operands, frozenset(replicated),
+                  sizes)
 
 
 # The partitioned functions take an op table's tensor operands (the backward's with the optional lse cotangent after

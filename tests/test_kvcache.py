@@ -198,6 +198,29 @@ def test_kvcache_under_jit_and_vmap_equals_eager():
       np.testing.assert_array_equal(np.asarray(g[i], np.float32), np.asarray(w, np.float32))
 
 
+@pytest.mark.parametrize("batched", ["all", "q only"])
+def test_paged_kvcache_under_vmap_equals_each_copy(batched):
+  # Copies with their own pages and tables fold into one call whose tables point into the merged pages
+  # (fold_sequences); with only q batched, the copies share the pages and fold into the query heads.
+  rng = np.random.default_rng(8)
+  n, b, page, pages, hk, d = 2, 3, 4, 5, 2, 16
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  q = normal(n, b, 1, 4, d)
+  kc, vc = normal(n, b * pages + 1, page, hk, d), normal(n, b * pages + 1, page, hk, d)
+  table = jnp.asarray(np.stack([rng.permutation(b * pages + 1)[: b * pages].reshape(b, pages) for _ in range(n)]),
+                      jnp.int32)
+  lens = jnp.asarray(rng.integers(0, b * page, (n, b)), jnp.int32)
+  f = lambda q, kc, vc, t, lens: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, page_table=t,
+                                                                 return_lse=True)
+  axes = (0, 0, 0, 0, 0) if batched == "all" else (0, None, None, None, None)
+  args = (q, kc, vc, table, lens) if batched == "all" else (q, kc[0], vc[0], table[0], lens[0])
+  got = jax.jit(jax.vmap(f, in_axes=axes))(*args)
+  for i in range(n):
+    want = f(*(a[i] if ax == 0 else a for a, ax in zip(args, axes)))
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g[i], np.float32), np.asarray(w, np.float32))
+
+
 @pytest.mark.parametrize("mode", [AxisType.Auto, AxisType.Explicit])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 def test_kvcache_sharding_has_no_collectives_and_matches_unsharded(paged, mode):

@@ -283,6 +283,25 @@ def test_kvcache_runs_the_forward_kernel_on_the_cache_in_place(kernels_compiled)
   assert signature(call).startswith("(tensor<4x4x2x128xbf16>, tensor<2048x2x128xbf16>, tensor<2048x2x128xbf16>, ")
 
 
+def test_paged_kvcache_reaches_the_forward_kernel_gathered_per_call(kernels_compiled):
+  # The pages and their table travel as the call's sequence layout down to the shard-local op, which (until the
+  # kernel reads pages) gathers each sequence's keys into BSHD rows: 8 pages of 64 rows per sequence.
+  q = jnp.zeros((4, 1, 8, 128), jnp.bfloat16)
+  pages = jnp.zeros((40, 64, 2, 128), jnp.bfloat16)
+  table = jnp.zeros((4, 8), jnp.int32)
+  lens = jnp.zeros((4,), jnp.int32)
+  f = lambda q, kc, vc, t, n: fa3_jax.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=n, page_table=t)
+  text = cuda_stablehlo(f, q, pages, pages, table, lens)
+  (call,) = custom_calls(text, "fa3_jax_fwd")
+  assert "with_seqused_k = true" in call and "with_cu_seqlens_k = false" in call
+  assert signature(call).startswith(
+      "(tensor<4x4x2x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4x512x2x128xbf16>, tensor<4xi32>) -> ")
+  # vmapped copies of pages and tables fold into one call over the merged pages.
+  stack = lambda *xs: [jnp.stack([x] * 3) for x in xs]
+  (call,) = custom_calls(cuda_stablehlo(jax.vmap(f), *stack(q, pages, pages, table, lens)), "fa3_jax_fwd")
+  assert signature(call).startswith("(tensor<12x4x2x128xbf16>, tensor<12x512x2x128xbf16>, ")
+
+
 def test_kvcache_packs_gqa_where_every_query_row_sees_the_same_keys(kernels_compiled):
   cache = jnp.zeros((2, 512, 2, 128), jnp.bfloat16)
   lens = jnp.zeros((2,), jnp.int32)
