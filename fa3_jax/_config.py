@@ -101,7 +101,7 @@ class SequenceLayout:
   the keys in pages shared by all sequences: k and v are (num_pages, page_size, kv_heads, dim) and sequence b's key
   j is row j % page_size of page page_table[b, j // page_size] (`unpaged` writes that rule once), so its keys are
   pages_per_seq * page_size long at most. Table entries outside [0, num_pages) read some page, never outside k.
-  Forward only (KV caches, docs/integration.md §4.7).
+  Forward only (KV caches, docs/integration.md §4.8).
   """
 
   cu_seqlens_q: jax.Array | None = None
@@ -154,7 +154,7 @@ class SequenceLayout:
     the table dropped: the paging rule, written once. Other layouts come back unchanged."""
     if not self.paged:
       return k, v, self
-    table = self.page_table.astype(jnp.int32)
+    table = self.page_table
 
     def gather(x):  # (num_pages, page_size, ...) -> (batch, pages_per_seq * page_size, ...)
       pages = jnp.take(x, table, axis=0, mode="clip")

@@ -232,7 +232,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     leftpad = first + last // cfg.attention_chunk * cfg.attention_chunk
     cfg = dataclasses.replace(cfg, attention_chunk=0)
   if paged:
-    keys, values, sequences = k_cache, v_cache, SequenceLayout(seqused_k=length, page_table=page_table.astype(jnp.int32))
+    sequences = SequenceLayout(seqused_k=length, page_table=page_table.astype(jnp.int32))
+    keys, values = k_cache, v_cache
   else:
     keys, values, sequences = _keys(k_cache, batch_idx), _keys(v_cache, batch_idx), SequenceLayout(seqused_k=length)
   if leftpad is not None:
